@@ -1,0 +1,353 @@
+// fastload._kernels: the Qwen2.5-VL image kernel.
+//
+// One pass from a decoder's uint8 RGB rows to the model's patch layout:
+//   bicubic antialiased resize (bit-identical to Pillow's Image.resize(BICUBIC))
+//   -> rescale + normalize (a per-channel 256-entry lookup table)
+//   -> temporal duplication and the (merge, merge, C, T, P, P) patch order.
+//
+// The resize is Pillow's separable two-pass algorithm with its fixed-point
+// coefficients, so the uint8 image it produces equals Pillow's exactly and the
+// float output equals transformers' PIL backend up to float rounding. Output is
+// written band by band (one band = patch_size output rows) straight into the
+// caller's buffer, which may live in shared memory. Plain CPython API over the
+// buffer protocol: no torch at build time, and the GIL is released while working.
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kPrecisionBits = 32 - 8 - 2;  // Pillow's PRECISION_BITS for 8-bit images.
+constexpr double kBicubicSupport = 2.0;
+
+// Pillow's bicubic filter (a = -0.5).
+double bicubic(double x) {
+  const double a = -0.5;
+  if (x < 0.0) x = -x;
+  if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
+  if (x < 2.0) return (((x - 5.0) * x + 8.0) * x - 4.0) * a;
+  return 0.0;
+}
+
+// Fixed-point filter taps for one axis: output i reads `count[i]` inputs from
+// `first[i]` with weights `weights[i * ksize ...]`, exactly as Pillow computes them.
+struct Taps {
+  int ksize = 0;
+  std::vector<int> first, count;
+  std::vector<int32_t> weights;
+
+  Taps(int in_size, int out_size) {
+    const double scale = static_cast<double>(in_size) / out_size;
+    const double filterscale = scale < 1.0 ? 1.0 : scale;
+    const double support = kBicubicSupport * filterscale;
+    const double ss = 1.0 / filterscale;
+    ksize = static_cast<int>(std::ceil(support)) * 2 + 1;
+    first.resize(out_size);
+    count.resize(out_size);
+    weights.assign(static_cast<size_t>(out_size) * ksize, 0);
+    std::vector<double> w(ksize);
+    for (int i = 0; i < out_size; ++i) {
+      const double center = (i + 0.5) * scale;
+      int lo = static_cast<int>(center - support + 0.5);
+      if (lo < 0) lo = 0;
+      int hi = static_cast<int>(center + support + 0.5);
+      if (hi > in_size) hi = in_size;
+      const int n = hi - lo;
+      double total = 0.0;
+      for (int k = 0; k < n; ++k) {
+        w[k] = bicubic((k + lo - center + 0.5) * ss);
+        total += w[k];
+      }
+      for (int k = 0; k < n; ++k) {
+        const double v = total != 0.0 ? w[k] / total : w[k];
+        const double fixed = v * (1 << kPrecisionBits);
+        weights[static_cast<size_t>(i) * ksize + k] =
+            static_cast<int32_t>(v < 0 ? -0.5 + fixed : 0.5 + fixed);
+      }
+      first[i] = lo;
+      count[i] = n;
+    }
+  }
+};
+
+inline uint8_t clip8(int32_t acc) {
+  const int32_t v = acc >> kPrecisionBits;
+  return static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v));
+}
+
+// A strided view of a uint8 (H, W, 3) image: EXIF rotations arrive as strides.
+struct Image {
+  const uint8_t* data;
+  Py_ssize_t height, width, row_stride, col_stride, chan_stride;
+  const uint8_t* at(Py_ssize_t y, Py_ssize_t x) const {
+    return data + y * row_stride + x * col_stride;
+  }
+};
+
+// Horizontal pass over input rows [y0, y1) into a packed (y1 - y0, out_w, 3) buffer.
+void resample_rows(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
+                   uint8_t* dst) {
+  const Py_ssize_t out_w = static_cast<Py_ssize_t>(taps.first.size());
+  const Py_ssize_t cs = src.chan_stride;
+  for (Py_ssize_t y = y0; y < y1; ++y) {
+    uint8_t* out = dst + (y - y0) * out_w * 3;
+    for (Py_ssize_t x = 0; x < out_w; ++x) {
+      const int32_t* k = &taps.weights[static_cast<size_t>(x) * taps.ksize];
+      const uint8_t* p = src.at(y, taps.first[x]);
+      int32_t r = 1 << (kPrecisionBits - 1), g = r, b = r;
+      for (int i = 0; i < taps.count[x]; ++i, p += src.col_stride) {
+        r += p[0] * k[i];
+        g += p[cs] * k[i];
+        b += p[2 * cs] * k[i];
+      }
+      out[3 * x] = clip8(r);
+      out[3 * x + 1] = clip8(g);
+      out[3 * x + 2] = clip8(b);
+    }
+  }
+}
+
+// Vertical pass for output rows [y0, y1) into a packed (y1 - y0, width, 3) buffer.
+void resample_cols(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
+                   uint8_t* dst) {
+  const Py_ssize_t cs = src.chan_stride;
+  for (Py_ssize_t y = y0; y < y1; ++y) {
+    const int32_t* k = &taps.weights[static_cast<size_t>(y) * taps.ksize];
+    uint8_t* out = dst + (y - y0) * src.width * 3;
+    for (Py_ssize_t x = 0; x < src.width; ++x) {
+      const uint8_t* p = src.at(taps.first[y], x);
+      int32_t r = 1 << (kPrecisionBits - 1), g = r, b = r;
+      for (int i = 0; i < taps.count[y]; ++i, p += src.row_stride) {
+        r += p[0] * k[i];
+        g += p[cs] * k[i];
+        b += p[2 * cs] * k[i];
+      }
+      out[3 * x] = clip8(r);
+      out[3 * x + 1] = clip8(g);
+      out[3 * x + 2] = clip8(b);
+    }
+  }
+}
+
+// Copies rows [y0, y1) of a strided image into a packed buffer (no resize on either axis).
+void copy_rows(const Image& src, Py_ssize_t y0, Py_ssize_t y1, uint8_t* dst) {
+  for (Py_ssize_t y = y0; y < y1; ++y) {
+    uint8_t* out = dst + (y - y0) * src.width * 3;
+    for (Py_ssize_t x = 0; x < src.width; ++x) {
+      const uint8_t* p = src.at(y, x);
+      out[3 * x] = p[0];
+      out[3 * x + 1] = p[src.chan_stride];
+      out[3 * x + 2] = p[2 * src.chan_stride];
+    }
+  }
+}
+
+Image packed(const uint8_t* data, Py_ssize_t height, Py_ssize_t width) {
+  return Image{data, height, width, width * 3, 3, 1};
+}
+
+// Streams the resized image band by band: `emit(rows, y0, y1)` receives packed uint8
+// output rows [y0, y1). Pillow (>= 13) runs the vertical pass first when the height
+// shrinks by more than twice as many pixels as the width does, otherwise the
+// horizontal pass; the two orders round differently, so we follow the same rule to
+// stay bit-identical (checked against Pillow in tests/test_vision.py).
+template <typename Emit>
+void resize_bands(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, Py_ssize_t band,
+                  Emit emit) {
+  const bool resize_h = out_w != src.width, resize_v = out_h != src.height;
+  const bool vertical_first =
+      resize_v && out_h < src.height && (src.height - out_h) > 2 * (src.width - out_w);
+  std::vector<uint8_t> chunk(static_cast<size_t>(band) * out_w * 3);
+  if (vertical_first) {
+    // Each band: vertical taps from the source, then the horizontal taps.
+    Taps vtaps(static_cast<int>(src.height), static_cast<int>(out_h));
+    Taps htaps(static_cast<int>(src.width), static_cast<int>(out_w));
+    std::vector<uint8_t> tall(static_cast<size_t>(band) * src.width * 3);
+    for (Py_ssize_t y = 0; y < out_h; y += band) {
+      const Py_ssize_t y1 = y + band < out_h ? y + band : out_h;
+      resample_cols(src, vtaps, y, y1, tall.data());
+      if (resize_h)
+        resample_rows(packed(tall.data(), y1 - y, src.width), htaps, 0, y1 - y, chunk.data());
+      emit(resize_h ? chunk.data() : tall.data(), y, y1);
+    }
+    return;
+  }
+  // Horizontal pass once over all input rows; bands then cost only the vertical taps.
+  std::vector<uint8_t> wide(static_cast<size_t>(src.height) * out_w * 3);
+  if (resize_h) {
+    resample_rows(src, Taps(static_cast<int>(src.width), static_cast<int>(out_w)), 0,
+                  src.height, wide.data());
+  } else {
+    copy_rows(src, 0, src.height, wide.data());
+  }
+  const Image mid = packed(wide.data(), src.height, out_w);
+  if (!resize_v) {
+    for (Py_ssize_t y = 0; y < out_h; y += band)
+      emit(wide.data() + y * out_w * 3, y, y + band < out_h ? y + band : out_h);
+    return;
+  }
+  Taps vtaps(static_cast<int>(src.height), static_cast<int>(out_h));
+  for (Py_ssize_t y = 0; y < out_h; y += band) {
+    const Py_ssize_t y1 = y + band < out_h ? y + band : out_h;
+    resample_cols(mid, vtaps, y, y1, chunk.data());
+    emit(chunk.data(), y, y1);
+  }
+}
+
+// Geometry of the Qwen2-VL patch layout: each output row is one patch, ordered by
+// (block row, block col, merge row, merge col); each patch is (C, T, P, P).
+struct PatchLayout {
+  Py_ssize_t patch, temporal, merge, grid_w;
+  Py_ssize_t row_len() const { return 3 * temporal * patch * patch; }
+  Py_ssize_t patch_row(Py_ssize_t gh, Py_ssize_t gw) const {
+    const Py_ssize_t blocks_w = grid_w / merge;
+    return (((gh / merge) * blocks_w + gw / merge) * merge + gh % merge) * merge + gw % merge;
+  }
+};
+
+// Writes packed uint8 rows [y0, y1) (a whole number of patch rows) into the patch
+// layout through the per-channel lookup table `lut` (3 x 256 values of type T).
+template <typename T>
+void emit_patches(const uint8_t* rows, Py_ssize_t y0, Py_ssize_t y1, Py_ssize_t width,
+                  const PatchLayout& L, const T* lut, T* out) {
+  const Py_ssize_t P = L.patch, pp = P * P;
+  for (Py_ssize_t y = y0; y < y1; ++y) {
+    const uint8_t* src = rows + (y - y0) * width * 3;
+    const Py_ssize_t gh = y / P, py = y % P;
+    for (Py_ssize_t gw = 0; gw < L.grid_w; ++gw) {
+      T* patch = out + L.patch_row(gh, gw) * L.row_len() + py * P;
+      const uint8_t* px = src + gw * P * 3;
+      for (Py_ssize_t c = 0; c < 3; ++c) {
+        const T* table = lut + c * 256;
+        T* dst = patch + c * L.temporal * pp;
+        for (Py_ssize_t x = 0; x < P; ++x) dst[x] = table[px[3 * x + c]];
+        for (Py_ssize_t t = 1; t < L.temporal; ++t) std::memcpy(dst + t * pp, dst, P * sizeof(T));
+      }
+    }
+  }
+}
+
+// ---- Python glue -----------------------------------------------------------
+
+// RAII holder for a Py_buffer.
+struct Buffer {
+  Py_buffer view{};
+  bool ok = false;
+  Buffer(PyObject* obj, int flags) { ok = PyObject_GetBuffer(obj, &view, flags) == 0; }
+  ~Buffer() {
+    if (ok) PyBuffer_Release(&view);
+  }
+};
+
+bool image_from_buffer(const Py_buffer& v, Image* img) {
+  if (v.ndim != 3 || v.shape[2] != 3 || v.itemsize != 1) {
+    PyErr_SetString(PyExc_ValueError, "image must be a uint8 array of shape (H, W, 3)");
+    return false;
+  }
+  if (v.shape[0] < 1 || v.shape[1] < 1) {
+    PyErr_SetString(PyExc_ValueError, "image must not be empty");
+    return false;
+  }
+  *img = Image{static_cast<const uint8_t*>(v.buf), v.shape[0], v.shape[1],
+               v.strides[0], v.strides[1], v.strides[2]};
+  return true;
+}
+
+bool check_size(const Py_buffer& v, Py_ssize_t expected, const char* what) {
+  if (v.len != expected) {
+    PyErr_Format(PyExc_ValueError, "%s has %zd bytes, expected %zd", what, v.len, expected);
+    return false;
+  }
+  return true;
+}
+
+PyObject* py_resize(PyObject*, PyObject* args) {
+  PyObject *src_obj, *dst_obj;
+  Py_ssize_t out_h, out_w;
+  if (!PyArg_ParseTuple(args, "OOnn", &src_obj, &dst_obj, &out_h, &out_w)) return nullptr;
+  Buffer src(src_obj, PyBUF_STRIDES | PyBUF_FORMAT);
+  if (!src.ok) return nullptr;
+  Buffer dst(dst_obj, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS);
+  if (!dst.ok) return nullptr;
+  Image img;
+  if (out_h < 1 || out_w < 1) return PyErr_Format(PyExc_ValueError, "bad output size");
+  if (!image_from_buffer(src.view, &img) || !check_size(dst.view, out_h * out_w * 3, "dst"))
+    return nullptr;
+  uint8_t* out = static_cast<uint8_t*>(dst.view.buf);
+  Py_BEGIN_ALLOW_THREADS
+  resize_bands(img, out_h, out_w, out_h, [&](const uint8_t* rows, Py_ssize_t y0, Py_ssize_t y1) {
+    std::memcpy(out + y0 * out_w * 3, rows, (y1 - y0) * out_w * 3);
+  });
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+template <typename T>
+void run_fused(const Image& img, Py_ssize_t out_h, Py_ssize_t out_w, const PatchLayout& L,
+               const T* lut, T* out) {
+  resize_bands(img, out_h, out_w, L.patch,
+               [&](const uint8_t* rows, Py_ssize_t y0, Py_ssize_t y1) {
+                 emit_patches(rows, y0, y1, out_w, L, lut, out);
+               });
+}
+
+// process(src, out, lut, out_h, out_w, patch, temporal, merge)
+// `lut` is float32 (3, 256) for float32 output or uint16 (3, 256) holding bfloat16
+// bits for bfloat16 output; `out` has the matching item size.
+PyObject* py_process(PyObject*, PyObject* args) {
+  PyObject *src_obj, *out_obj, *lut_obj;
+  Py_ssize_t out_h, out_w, patch, temporal, merge;
+  if (!PyArg_ParseTuple(args, "OOOnnnnn", &src_obj, &out_obj, &lut_obj, &out_h, &out_w, &patch,
+                        &temporal, &merge))
+    return nullptr;
+  const Py_ssize_t factor = patch * merge;
+  if (patch < 1 || temporal < 1 || merge < 1 || out_h < factor || out_w < factor ||
+      out_h % factor || out_w % factor)
+    return PyErr_Format(PyExc_ValueError,
+                        "output size %zdx%zd is not a positive multiple of patch*merge=%zd",
+                        out_h, out_w, factor);
+  Buffer src(src_obj, PyBUF_STRIDES | PyBUF_FORMAT);
+  if (!src.ok) return nullptr;
+  Buffer out(out_obj, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS);
+  if (!out.ok) return nullptr;
+  Buffer lut(lut_obj, PyBUF_C_CONTIGUOUS);
+  if (!lut.ok) return nullptr;
+  Image img;
+  if (!image_from_buffer(src.view, &img)) return nullptr;
+  const Py_ssize_t item = lut.view.len / (3 * 256);
+  if (lut.view.len != 3 * 256 * item || (item != 2 && item != 4))
+    return PyErr_Format(PyExc_ValueError, "lut must be (3, 256) float32 or uint16");
+  const PatchLayout L{patch, temporal, merge, out_w / patch};
+  if (!check_size(out.view, (out_h / patch) * L.grid_w * L.row_len() * item, "out"))
+    return nullptr;
+  Py_BEGIN_ALLOW_THREADS
+  if (item == 4)
+    run_fused(img, out_h, out_w, L, static_cast<const float*>(lut.view.buf),
+              static_cast<float*>(out.view.buf));
+  else
+    run_fused(img, out_h, out_w, L, static_cast<const uint16_t*>(lut.view.buf),
+              static_cast<uint16_t*>(out.view.buf));
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+PyMethodDef kMethods[] = {
+    {"resize", py_resize, METH_VARARGS,
+     "resize(src, dst, out_h, out_w): Pillow-identical bicubic resize of a uint8 (H, W, 3) "
+     "image (any strides) into a contiguous uint8 buffer."},
+    {"process", py_process, METH_VARARGS,
+     "process(src, out, lut, out_h, out_w, patch, temporal, merge): fused resize, "
+     "normalize and Qwen2-VL patchify into `out`."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_kernels",
+                       "Fused Qwen2.5-VL image kernels (see csrc/kernels.cpp).", -1, kMethods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&kModule); }

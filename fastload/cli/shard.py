@@ -1,0 +1,172 @@
+"""``fastload-shard``: convert a dataset into WebDataset shards with a manifest.
+
+    fastload-shard data/mllm_demo.json out/demo --dataset-info data/dataset_info.json --dataset mllm_demo
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from functools import partial
+
+from tqdm import tqdm
+
+from ..decode import EXTENSIONS, ImageDecodeError, decode, read_header, sniff_format
+from ..sources import Columns, RecordError, open_source
+from ..writer import ImageStats, ShardWriter
+
+log = logging.getLogger("fastload.shard")
+
+
+def resolve_image(ref, root: str) -> tuple[str, bytes]:
+    """(source name, bytes) of an image reference; paths must stay inside ``root``."""
+    if isinstance(ref, (bytes, bytearray)):
+        return "<bytes>", bytes(ref)
+    path = os.path.realpath(os.path.join(root, ref))
+    if os.path.commonpath([path, os.path.realpath(root)]) != os.path.realpath(root):
+        raise RecordError(f"image path {ref!r} escapes the dataset root {root}")
+    try:
+        with open(path, "rb") as f:
+            return ref, f.read()
+    except OSError as exc:
+        raise RecordError(f"cannot read image {ref!r}: {exc.strerror}") from exc
+
+
+def reencode(data: bytes, max_pixels: int) -> bytes:
+    """Shrinks an image to at most ``max_pixels`` (aspect kept), re-encoded as JPEG."""
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.ascontiguousarray(decode(data, max_pixels=None))
+    height, width = rgb.shape[:2]
+    scale = (max_pixels / (width * height)) ** 0.5
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    out = io.BytesIO()
+    Image.fromarray(rgb).resize(size, Image.BICUBIC).save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+def convert(record, *, root: str, max_pixels: int | None, validate: bool):
+    """A record -> ("ok", key, members, image infos) or ("error", message). Runs in pool workers."""
+    if isinstance(record, Exception):
+        return "error", str(record)
+    members, infos = {}, []
+    try:
+        for i, ref in enumerate(record["images"]):
+            name, data = resolve_image(ref, root)
+            fmt = sniff_format(data)
+            if fmt is None:
+                raise RecordError(f"image {name!r} is not a recognised image format")
+            header = read_header(data)
+            width, height = header.size
+            if max_pixels and width * height > max_pixels:
+                data, fmt = reencode(data, max_pixels), "jpeg"
+                width, height = read_header(data).size
+            if validate:
+                decode(data, max_pixels=None)
+            ext = EXTENSIONS[fmt]
+            members[f"{i}.{ext}" if len(record["images"]) > 1 else ext] = data
+            infos.append((fmt, width, height, len(data)))
+    except (RecordError, ImageDecodeError, ValueError, OSError) as exc:
+        return "error", f"record {record['id']}: {exc}"
+    members["json"] = json.dumps(record["meta"], ensure_ascii=False).encode("utf-8")
+    return "ok", f"{record['id']:09d}", members, infos
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fastload-shard", description=__doc__.split("\n")[0])
+    p.add_argument("input", nargs="?", help="JSON/JSONL file, Parquet file, or image folder "
+                   "(optional with --dataset-info/--dataset)")
+    p.add_argument("output", help="output prefix: writes PREFIX-000000.tar ... and PREFIX.manifest.json")
+    p.add_argument("--dataset-info", help="LLaMA-Factory dataset_info.json giving the column mapping")
+    p.add_argument("--dataset", help="entry of --dataset-info to convert")
+    p.add_argument("--format", choices=["auto", "sharegpt", "alpaca"], default=None,
+                   help="record format for JSON input (default: from dataset_info, else auto)")
+    p.add_argument("--image-root", help="directory image paths are relative to (default: the input's)")
+    p.add_argument("--maxcount", type=int, default=10_000, help="samples per shard (default 10000)")
+    p.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard (default 1e9)")
+    p.add_argument("--workers", type=int, default=1, help="conversion processes (default 1)")
+    p.add_argument("--max-pixels", type=int, help="re-encode images larger than this many pixels")
+    p.add_argument("--validate", action="store_true", help="decode every image")
+    p.add_argument("--on-error", choices=["skip", "fail"], default="skip")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.input is None and not (args.dataset_info and args.dataset):
+        p.error("give an input file/folder, or --dataset-info with --dataset")
+    return args
+
+
+def _source(args) -> tuple:
+    cols = Columns(formatting="auto")
+    path = args.input
+    if args.dataset_info:
+        if not args.dataset:
+            raise SystemExit("fastload-shard: --dataset-info needs --dataset NAME")
+        cols, data_file = Columns.from_dataset_info(args.dataset_info, args.dataset)
+        path = path or data_file
+    if args.format:
+        cols.formatting = args.format
+    if not os.path.exists(path):
+        raise SystemExit(f"fastload-shard: input {path!r} does not exist")
+    root = args.image_root or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+    return open_source(path, cols), root, path
+
+
+def run(args) -> int:
+    records, root, path = _source(args)
+    work = partial(convert, root=root, max_pixels=args.max_pixels, validate=args.validate)
+    writer = ShardWriter(args.output, maxcount=args.maxcount, maxsize=int(args.maxsize))
+    stats, errors, start = ImageStats(), [], time.perf_counter()
+    pool = mp.get_context("fork").Pool(args.workers) if args.workers > 1 else None
+    results = pool.imap(work, records, chunksize=4) if pool else map(work, records)
+    bar = tqdm(results, unit=" samples", disable=args.quiet, desc="sharding")
+    try:
+        for result in bar:
+            if result[0] == "error":
+                errors.append(result[1])
+                log.warning("skipped %s: %s", path, result[1])
+                if args.on_error == "fail":
+                    raise SystemExit(f"fastload-shard: {path}: {result[1]}")
+                continue
+            _, key, members, infos = result
+            writer.write(key, members)
+            for info in infos:
+                stats.add(*info)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if pool:
+            pool.terminate()
+    elapsed = time.perf_counter() - start
+    shards = writer.close({"source": os.path.abspath(path), "images": stats.summary(),
+                           "skipped": len(errors), "errors": errors[:100]})
+    total = sum(s["samples"] for s in shards)
+    print(f"fastload-shard: {total} samples, {stats.summary()['count']} images in {len(shards)} shards "
+          f"({sum(s['bytes'] for s in shards) / 1e6:.1f} MB) in {elapsed:.1f}s "
+          f"({total / max(elapsed, 1e-9):.0f} samples/s); skipped {len(errors)}", file=sys.stderr)
+    for message in errors[:10]:
+        print(f"  skipped {message}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        sys.exit(run(args))
+    except KeyboardInterrupt:
+        print("fastload-shard: interrupted; no partial shard was kept", file=sys.stderr)
+        sys.exit(130)
+    except (KeyError, RecordError, ImportError) as exc:
+        print(f"fastload-shard: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

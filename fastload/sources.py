@@ -1,0 +1,222 @@
+"""Dataset formats -> uniform records for sharding.
+
+A record is ``{"id", "meta": {...json...}, "images": [path or bytes, ...]}``: ``meta`` is
+what lands in the shard's ``.json`` (sharegpt ``messages`` in role/content form for chat
+data), ``images`` the media in placeholder order. Formats follow LLaMA-Factory's
+``dataset_info.json`` conventions (sharegpt with role/content tags, alpaca columns).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".mpo"}
+
+
+class RecordError(ValueError):
+    """A record that cannot be converted; the message names the file and record."""
+
+
+@dataclass
+class Columns:
+    """LLaMA-Factory's column mapping and sharegpt tags, with its defaults."""
+
+    formatting: str = "sharegpt"
+    messages: str = "messages"
+    images: str = "images"
+    system: str = "system"
+    tools: str = "tools"
+    prompt: str = "instruction"
+    query: str = "input"
+    response: str = "output"
+    history: str = "history"
+    role_tag: str = "role"
+    content_tag: str = "content"
+    user_tag: str = "user"
+    assistant_tag: str = "assistant"
+    observation_tag: str = "observation"
+    function_tag: str = "function_call"
+    system_tag: str = "system"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dataset_info(cls, path: str, name: str) -> tuple["Columns", str]:
+        """Columns and data file of entry ``name`` in a ``dataset_info.json``."""
+        with open(path) as f:
+            info = json.load(f)
+        if name not in info:
+            raise KeyError(f"{path}: no dataset named {name!r} (have: {', '.join(info)})")
+        entry = info[name]
+        values = {"formatting": entry.get("formatting", "alpaca")}
+        values.update(entry.get("columns", {}))
+        values.update(entry.get("tags", {}))
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        data_file = os.path.join(os.path.dirname(path), entry["file_name"])
+        return cls(**known), data_file
+
+
+def _role(tag: str, cols: Columns) -> str:
+    roles = {cols.user_tag: "user", cols.assistant_tag: "assistant", cols.system_tag: "system",
+             cols.observation_tag: "observation", cols.function_tag: "function_call"}
+    if tag not in roles:
+        raise RecordError(f"unknown role {tag!r}")
+    return roles[tag]
+
+
+def sharegpt_messages(row: dict, cols: Columns) -> list[dict]:
+    messages = row.get(cols.messages)
+    if messages is None and "conversations" in row:
+        messages, cols = row["conversations"], Columns(role_tag="from", content_tag="value",
+                                                       user_tag="human", assistant_tag="gpt")
+    if not isinstance(messages, list) or not messages:
+        raise RecordError(f"missing or empty {cols.messages!r} list")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or cols.role_tag not in m or cols.content_tag not in m:
+            raise RecordError(f"message without {cols.role_tag!r}/{cols.content_tag!r}: {m!r}")
+        out.append({"role": _role(m[cols.role_tag], cols), "content": str(m[cols.content_tag])})
+    return out
+
+
+def alpaca_messages(row: dict, cols: Columns) -> list[dict]:
+    if cols.prompt not in row or cols.response not in row:
+        raise RecordError(f"alpaca record needs {cols.prompt!r} and {cols.response!r}")
+    messages = []
+    for old_prompt, old_response in row.get(cols.history) or []:
+        messages += [{"role": "user", "content": old_prompt}, {"role": "assistant", "content": old_response}]
+    prompt = row[cols.prompt]
+    if row.get(cols.query):
+        prompt = f"{prompt}\n{row[cols.query]}"
+    response = row[cols.response]
+    if isinstance(response, list):  # preference data: keep the first (chosen) answer
+        response = response[0]
+    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(response)}]
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def chat_record(row: dict, cols: Columns, index: int) -> dict:
+    """A sharegpt/alpaca row as a record with role/content messages."""
+    if not isinstance(row, dict):
+        raise RecordError(f"record is a {type(row).__name__}, not an object")
+    fmt = cols.formatting
+    if fmt == "auto":
+        fmt = "sharegpt" if (cols.messages in row or "conversations" in row) else "alpaca"
+    messages = sharegpt_messages(row, cols) if fmt == "sharegpt" else alpaca_messages(row, cols)
+    meta = {"messages": messages}
+    if row.get(cols.system):
+        meta["system"] = row[cols.system]
+    if row.get(cols.tools):
+        meta["tools"] = row[cols.tools]
+    images = _as_list(row.get(cols.images, row.get("image")))
+    meta["images"] = [im if isinstance(im, str) else f"<bytes:{i}>" for i, im in enumerate(images)]
+    placeholders = sum(m["content"].count("<image>") for m in messages)
+    if placeholders != len(images):
+        raise RecordError(f"{placeholders} <image> placeholders but {len(images)} images")
+    return {"id": index, "meta": meta, "images": images}
+
+
+def read_json_rows(path: str) -> Iterator[tuple[int, dict | RecordError]]:
+    """Rows of a JSON array or JSONL file; a malformed line yields a RecordError in its place."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1)
+        while head.isspace():
+            head = f.read(1)
+        f.seek(0)
+        if head == "[":
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise RecordError(f"{path}: malformed JSON ({exc})") from exc
+            yield from enumerate(rows)
+            return
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield i, RecordError(f"malformed JSON line ({exc.msg})")
+
+
+def chat_records(path: str, cols: Columns) -> Iterator[dict | RecordError]:
+    for i, row in read_json_rows(path):
+        if isinstance(row, RecordError):
+            yield _located(row, path, i)
+            continue
+        try:
+            yield chat_record(row, cols, i)
+        except RecordError as exc:
+            yield _located(exc, path, i)
+
+
+def _located(exc: Exception, path: str, index: int) -> RecordError:
+    return RecordError(f"{path} record {index}: {exc}")
+
+
+def folder_records(root: str) -> Iterator[dict]:
+    """Images under class subfolders: ``root/CLASS/x.jpg`` -> label ``CLASS``."""
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    index = 0
+    for label, name in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
+            for fname in sorted(files):
+                if os.path.splitext(fname)[1].lower() in IMAGE_SUFFIXES:
+                    rel = os.path.relpath(os.path.join(dirpath, fname), root)
+                    yield {"id": index, "meta": {"label": name, "class_index": label, "path": rel},
+                           "images": [rel]}
+                    index += 1
+
+
+def _image_bytes(value) -> bytes | None:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, dict) and isinstance(value.get("bytes"), (bytes, bytearray)):
+        return bytes(value["bytes"])
+    return None
+
+
+def parquet_records(path: str, cols: Columns) -> Iterator[dict | RecordError]:
+    """Rows of a Parquet file; columns holding bytes (or HF ``{"bytes": ...}``) are images."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ImportError("Parquet input needs pyarrow (pip install 'fastload[parquet]')") from exc
+    index = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+        for row in batch.to_pylist():
+            images, meta = [], {}
+            for key, value in row.items():
+                values = value if isinstance(value, list) else [value]
+                blobs = [_image_bytes(v) for v in values]
+                if values and all(b is not None for b in blobs):
+                    images += blobs
+                else:
+                    meta[key] = value
+            if cols.messages in meta or "conversations" in meta or cols.prompt in meta:
+                try:
+                    record = chat_record({**meta, cols.images: images}, cols, index)
+                except RecordError as exc:
+                    yield _located(exc, path, index)
+                    index += 1
+                    continue
+            else:
+                record = {"id": index, "meta": meta, "images": images}
+            yield record
+            index += 1
+
+
+def open_source(path: str, cols: Columns | None = None) -> Iterator[dict | RecordError]:
+    """Records of any supported input, chosen by what ``path`` is."""
+    cols = cols or Columns(formatting="auto")
+    if os.path.isdir(path):
+        return folder_records(path)
+    if path.endswith(".parquet"):
+        return parquet_records(path, cols)
+    return chat_records(path, cols)

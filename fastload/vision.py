@@ -1,0 +1,275 @@
+"""The Qwen2.5-VL image pipeline: smart_resize, the fused kernel, and the uint8 wire format.
+
+Values, dtype and layout equal transformers' ``Qwen2VLImageProcessor``; the work is one
+pass of ``csrc/kernels.cpp`` from the decoder's rows into the output buffer.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import _kernels
+from .decode import MAX_IMAGE_PIXELS, as_bytes, check_pixels, decode, pil_to_rgb, read_header
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+    """Qwen2-VL's target size: multiples of ``factor`` within the pixel bounds, aspect kept.
+
+    Same arithmetic as transformers (Python's banker's ``round`` included), so grids agree.
+    """
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The image processor settings of ``preprocessor_config.json``."""
+
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    do_resize: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    do_convert_rgb: bool = True
+
+    @classmethod
+    def from_dict(cls, cfg: dict, **overrides) -> "VisionConfig":
+        cfg = dict(cfg)
+        size = cfg.pop("size", None) or {}
+        cfg.setdefault("min_pixels", size.get("shortest_edge", size.get("min_pixels")))
+        cfg.setdefault("max_pixels", size.get("longest_edge", size.get("max_pixels")))
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in {**cfg, **overrides}.items() if k in names and v is not None}
+        for key in ("image_mean", "image_std"):
+            if key in values:
+                values[key] = tuple(float(x) for x in np.broadcast_to(values[key], (3,)))
+        return cls(**values)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides) -> "VisionConfig":
+        with open(os.path.join(path, "preprocessor_config.json")) as f:
+            return cls.from_dict(json.load(f), **overrides)
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.temporal_patch_size * self.patch_size ** 2
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """Resized (height, width) for an image of the given size."""
+        if not self.do_resize:
+            if height % self.factor or width % self.factor:
+                raise ValueError(f"with do_resize=False the image ({height}x{width}) must be a "
+                                 f"multiple of {self.factor}")
+            return height, width
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+
+    def grid(self, height: int, width: int) -> tuple[int, int, int]:
+        """(t, h, w) patch grid of an image of the given size."""
+        th, tw = self.target_size(height, width)
+        return 1, th // self.patch_size, tw // self.patch_size
+
+    def lut(self, dtype: torch.dtype = torch.float32) -> np.ndarray:
+        """(3, 256) table of normalized values, computed with transformers' exact float ops."""
+        v = np.arange(256, dtype=np.float64)
+        if self.do_rescale:
+            v = v * self.rescale_factor
+        v = v.astype(np.float32)
+        table = np.broadcast_to(v, (3, 256)).copy()
+        if self.do_normalize:
+            mean = np.asarray(self.image_mean, dtype=np.float32)[:, None]
+            std = np.asarray(self.image_std, dtype=np.float32)[:, None]
+            table = (table - mean) / std
+        table = np.ascontiguousarray(table, dtype=np.float32)
+        if dtype == torch.bfloat16:
+            return torch.from_numpy(table).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        if dtype != torch.float32:
+            raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        return table
+
+
+def num_image_tokens(width: int, height: int, config: VisionConfig | dict | None = None) -> int:
+    """Number of ``<|image_pad|>`` tokens Qwen2.5-VL gives an image of this size."""
+    if not isinstance(config, VisionConfig):
+        config = VisionConfig.from_dict(config or {})
+    t, h, w = config.grid(height, width)
+    return t * h * w // config.merge_size ** 2
+
+
+def _to_rgb_array(image, target_hw_of, max_pixels: int | None) -> np.ndarray:
+    """Decoded RGB pixels from bytes, a path, a PIL image or a uint8 HWC array."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ValueError("arrays must be uint8 (H, W) or (H, W, C)")
+        if image.ndim == 2 or image.shape[2] != 3:
+            image = pil_to_rgb(Image.fromarray(image.squeeze()))
+        return image
+    if isinstance(image, Image.Image):
+        return pil_to_rgb(image)
+    data = as_bytes(image)
+    header = read_header(data)
+    check_pixels(header, max_pixels)
+    width, height = header.size
+    target = target_hw_of(height, width) if target_hw_of else None
+    return decode(data, target_hw=target, max_pixels=max_pixels)
+
+
+class Qwen2VLImageProcessor:
+    """Drop-in for transformers' ``Qwen2VLImageProcessor``, fused and GIL-free.
+
+    ``exact=False`` lets JPEGs decode DCT-scaled when that still covers the target size;
+    ``exact=True`` always decodes full size (matches transformers to ~1e-6).
+    """
+
+    model_input_names = ["pixel_values", "image_grid_thw"]
+
+    def __init__(self, config: VisionConfig | None = None, *, exact: bool = False,
+                 dtype: torch.dtype = torch.float32, max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+                 **overrides):
+        config = config or VisionConfig()
+        self.config = replace(config, **overrides) if overrides else config
+        self.exact = exact
+        self.dtype = dtype
+        self.max_image_pixels = max_image_pixels
+        self._lut = self.config.lut(dtype)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "Qwen2VLImageProcessor":
+        names = {f.name for f in fields(VisionConfig)} | {"size"}
+        config_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        if "size" in config_kw:
+            size = config_kw.pop("size")
+            config_kw.setdefault("min_pixels", size.get("shortest_edge"))
+            config_kw.setdefault("max_pixels", size.get("longest_edge"))
+        return cls(VisionConfig.from_pretrained(path, **config_kw), **kwargs)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_lut"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lut = self.config.lut(self.dtype)
+
+    # -- pixels ---------------------------------------------------------------
+    def rgb(self, image) -> np.ndarray:
+        """Decoded RGB of one image, DCT-scaled unless ``exact``."""
+        target_hw_of = None if self.exact else self.config.target_size
+        return _to_rgb_array(image, target_hw_of, self.max_image_pixels)
+
+    def resized(self, image) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """The uint8 wire format: the resized (h, w, 3) image and its grid (t, h, w)."""
+        rgb = self.rgb(image)
+        th, tw = self.config.target_size(rgb.shape[0], rgb.shape[1])
+        out = np.empty((th, tw, 3), np.uint8)
+        _kernels.resize(rgb, out, th, tw)
+        return out, (1, th // self.config.patch_size, tw // self.config.patch_size)
+
+    def grid(self, image) -> tuple[int, int, int]:
+        """Grid of an encoded image from its header alone."""
+        width, height = read_header(as_bytes(image)).size
+        return self.config.grid(height, width)
+
+    def process_into(self, rgb: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """Runs the fused kernel on decoded pixels, writing the patches into ``out`` if given."""
+        cfg = self.config
+        th, tw = cfg.target_size(rgb.shape[0], rgb.shape[1])
+        grid = (1, th // cfg.patch_size, tw // cfg.patch_size)
+        shape = (grid[1] * grid[2], cfg.patch_dim)
+        if out is None:
+            out = np.empty(shape, self._lut.dtype)
+        elif out.shape != shape or out.dtype != self._lut.dtype:
+            raise ValueError(f"out must be {self._lut.dtype} of shape {shape}, got {out.dtype} {out.shape}")
+        _kernels.process(rgb, out, self._lut, th, tw, cfg.patch_size, cfg.temporal_patch_size, cfg.merge_size)
+        return out, grid
+
+    def __call__(self, images, return_tensors: str | None = "pt", out: torch.Tensor | np.ndarray | None = None):
+        """``{"pixel_values", "image_grid_thw"}`` for one image or a list, as transformers returns them."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        rgbs = [self.rgb(im) for im in images]
+        grids = [self.config.grid(r.shape[0], r.shape[1]) for r in rgbs]
+        total = sum(h * w for _, h, w in grids)
+        flat = self._output_buffer(out, total)
+        row = 0
+        for rgb, (_, h, w) in zip(rgbs, grids):
+            self.process_into(rgb, flat[row:row + h * w])
+            row += h * w
+        pixel_values = self._wrap(flat, out, return_tensors)
+        grid_thw = np.array(grids, dtype=np.int64).reshape(-1, 3)
+        if return_tensors == "pt":
+            return {"pixel_values": pixel_values, "image_grid_thw": torch.from_numpy(grid_thw)}
+        return {"pixel_values": pixel_values, "image_grid_thw": grid_thw}
+
+    def _output_buffer(self, out, rows: int) -> np.ndarray:
+        shape = (rows, self.config.patch_dim)
+        if out is None:
+            return np.empty(shape, self._lut.dtype)
+        if isinstance(out, torch.Tensor):
+            if tuple(out.shape) != shape or out.dtype != self.dtype or not out.is_contiguous():
+                raise ValueError(f"out must be a contiguous {self.dtype} tensor of shape {shape}")
+            out = out.view(torch.int16).numpy().view(np.uint16) if self.dtype == torch.bfloat16 else out.numpy()
+        if out.shape != shape or out.dtype != self._lut.dtype:
+            raise ValueError(f"out must be {self._lut.dtype} of shape {shape}")
+        return out
+
+    def _wrap(self, flat: np.ndarray, out, return_tensors):
+        if isinstance(out, torch.Tensor):
+            return out
+        if return_tensors == "pt":
+            tensor = torch.from_numpy(flat)
+            return tensor.view(torch.bfloat16) if self.dtype == torch.bfloat16 else tensor
+        if self.dtype == torch.bfloat16:
+            raise ValueError("bfloat16 output needs return_tensors='pt' (numpy has no bfloat16)")
+        return flat
+
+
+def expand_patches(pixels: torch.Tensor, image_grid_thw: torch.Tensor, config: VisionConfig | None = None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Turns the uint8 wire format into ``pixel_values``, on whatever device ``pixels`` is.
+
+    ``pixels`` is the concatenation of each image's flattened resized (h, w, 3) uint8 array;
+    the result equals the fused kernel's output bit for bit (same lookup table).
+    """
+    cfg = config or VisionConfig()
+    lut = torch.from_numpy(cfg.lut(torch.float32)).to(pixels.device)
+    P, M, T = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    chunks, offset = [], 0
+    for _, gh, gw in image_grid_thw.tolist():
+        h, w = gh * P, gw * P
+        img = pixels[offset:offset + h * w * 3].view(h, w, 3).permute(2, 0, 1).long()
+        offset += h * w * 3
+        values = torch.gather(lut, 1, img.reshape(3, -1)).view(3, gh // M, M, P, gw // M, M, P)
+        patches = values.permute(1, 4, 2, 5, 0, 3, 6).unsqueeze(5).expand(-1, -1, -1, -1, -1, T, -1, -1)
+        chunks.append(patches.reshape(gh * gw, 3 * T * P * P))
+    return torch.cat(chunks).to(dtype) if chunks else pixels.new_empty((0, 3 * T * P * P), dtype=dtype)

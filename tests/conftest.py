@@ -1,0 +1,73 @@
+"""Shared fixtures: the ../shared data (skipped with a reason when absent) and references."""
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("FASTLOAD_SHARED", ROOT.parent / "shared"))
+PROCESSOR_DIR = SHARED / "qwen2_5_vl"
+MLLM_DEMO = SHARED / "data" / "mllm_demo"
+IMAGES = SHARED / "images"
+NOT_IMAGES = {".md", ".json", ".txt", ""}
+
+
+def need_shared(path: pathlib.Path = SHARED) -> pathlib.Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the ../shared data is not part of the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def processor_dir() -> pathlib.Path:
+    return need_shared(PROCESSOR_DIR)
+
+
+@pytest.fixture(scope="session")
+def mllm_demo() -> pathlib.Path:
+    return need_shared(MLLM_DEMO)
+
+
+def shared_images(*folders: str) -> list[pathlib.Path]:
+    """Every image file under ../shared/images/<folder>, sorted."""
+    need_shared(IMAGES)
+    files = []
+    for folder in folders:
+        for p in sorted((IMAGES / folder).iterdir()):
+            if p.suffix.lower() not in NOT_IMAGES and "LICENSE" not in p.name:
+                files.append(p)
+    return files
+
+
+def pillow_rgb(data: bytes) -> np.ndarray:
+    """The reference decode: Pillow, EXIF transpose, transformers' RGB conversion."""
+    from PIL import Image, ImageOps
+
+    from fastload.decode import pil_to_rgb
+
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return pil_to_rgb(ImageOps.exif_transpose(im))
+
+
+def jpeg_bytes(array: np.ndarray, quality: int = 90, **kw) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="JPEG", quality=quality, **kw)
+    return out.getvalue()
+
+
+def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth random image with some edges: compresses like a photo, not like noise."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
+    from PIL import Image
+
+    img = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC)).copy()
+    img[height // 3: height // 3 + 2] = 255
+    return img

@@ -1,0 +1,286 @@
+"""The image pipeline against transformers' Qwen2VLImageProcessor (PIL backend, and torchvision's where installed)."""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import PIL
+import pytest
+import torch
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+
+import fastload
+from fastload import _kernels
+from fastload.decode import DecompressionBombError, ImageDecodeError, decode
+
+from .conftest import IMAGES, jpeg_bytes, photo_like, pillow_rgb, shared_images
+
+MAX_PIXELS = (12845056, 1003520)
+ALL_IMAGES = ("photos", "pillow", "pillow_nonjpeg", "libjpeg-turbo")
+
+
+def reference(processor_dir, max_pixels):
+    return Qwen2VLImageProcessorPil.from_pretrained(processor_dir, max_pixels=max_pixels)
+
+
+def run_reference(ref, rgb: np.ndarray) -> dict:
+    return ref(rgb, return_tensors="np", input_data_format="channels_last")
+
+
+def decodable_images():
+    """(path, bytes, Pillow's RGB) for every shared image Pillow itself can decode."""
+    out = []
+    for path in shared_images(*ALL_IMAGES):
+        data = path.read_bytes()
+        try:
+            rgb = pillow_rgb(data)
+        except Exception:
+            continue
+        if rgb.shape[0] * rgb.shape[1] < 40_000_000:
+            out.append((path, data, rgb))
+    return out
+
+
+@pytest.fixture(scope="module")
+def images():
+    return decodable_images()
+
+
+def test_smart_resize_matches_transformers():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        h, w = (int(v) for v in rng.integers(1, 5000, 2))
+        if max(h, w) / min(h, w) > 200:
+            with pytest.raises(ValueError, match="aspect ratio"):
+                fastload.smart_resize(h, w)
+            continue
+        for lo, hi in ((3136, 12845056), (3136, 1003520), (200_000, 400_000)):
+            assert fastload.smart_resize(h, w, 28, lo, hi) == hf_smart_resize(h, w, 28, lo, hi)
+
+
+PILLOW_13 = int(PIL.__version__.split(".")[0]) >= 13
+
+
+def test_resize_kernel_is_pillow(images):
+    """The resize alone, uint8 to uint8, equals PIL's Image.resize(BICUBIC) bit for bit
+    (Pillow >= 13 chooses the pass order the kernel follows; older ones differ by a few levels)."""
+    for path, _, rgb in images[:25]:
+        h, w = rgb.shape[:2]
+        for th, tw in ((max(1, h // 2), max(1, w // 3)), (max(1, h * 2 // 3), max(1, w // 2)), (h * 2, w + 7)):
+            ref = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((tw, th), Image.BICUBIC))
+            out = np.empty((th, tw, 3), np.uint8)
+            _kernels.resize(rgb, out, th, tw)
+            diff = np.abs(ref.astype(int) - out).max()
+            assert diff == 0 if PILLOW_13 else diff <= 4, (path.name, (h, w, th, tw), diff)
+
+
+def test_resize_kernel_random_shapes():
+    rng = np.random.default_rng(5)
+    for h, w, th, tw in rng.integers(1, 300, (300, 4)):
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ref = np.asarray(Image.fromarray(a).resize((int(tw), int(th)), Image.BICUBIC))
+        out = np.empty((th, tw, 3), np.uint8)
+        _kernels.resize(a, out, int(th), int(tw))
+        assert np.abs(ref.astype(int) - out).max() <= (0 if PILLOW_13 else 32), (h, w, th, tw)
+
+
+def test_resize_kernel_reads_strided_views():
+    rgb = photo_like(90, 130)
+    view = rgb.transpose(1, 0, 2)[::-1, ::-1]
+    a, b = np.empty((60, 40, 3), np.uint8), np.empty((60, 40, 3), np.uint8)
+    _kernels.resize(view, a, 60, 40)
+    _kernels.resize(np.ascontiguousarray(view), b, 60, 40)
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("max_pixels", MAX_PIXELS)
+def test_exact_matches_transformers_pil_backend(processor_dir, images, max_pixels):
+    """Same decoded RGB in, same grid out, pixel values within one 8-bit level."""
+    ref = reference(processor_dir, max_pixels)
+    ours = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, max_pixels=max_pixels, exact=True)
+    worst = 0.0
+    for path, _, rgb in images:
+        expected = run_reference(ref, rgb)
+        got = ours(rgb, return_tensors="np")
+        assert np.array_equal(got["image_grid_thw"], expected["image_grid_thw"]), path.name
+        assert got["pixel_values"].dtype == np.float32
+        diff = float(np.abs(got["pixel_values"] - expected["pixel_values"]).max())
+        worst = max(worst, diff)
+        assert diff <= 0.02, (path.name, diff)
+    print(f"\nexact vs transformers PIL backend, max_pixels={max_pixels}: max |diff| = {worst:.2e}")
+
+
+def test_exact_from_bytes_equals_pillow_decode(processor_dir, images):
+    """Bytes through fastload's decoders give the same pixel_values as Pillow-decoded RGB."""
+    ours = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, max_pixels=1003520, exact=True)
+    for path, data, rgb in images:
+        a = ours(data, return_tensors="np")["pixel_values"]
+        b = ours(rgb, return_tensors="np")["pixel_values"]
+        assert a.shape == b.shape and float(np.abs(a - b).max()) <= 0.02, path.name
+
+
+def test_torchvision_backend_report(processor_dir, images):
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available():
+        pytest.skip("torchvision is not installed: transformers' default backend is unavailable")
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    ref = Qwen2VLImageProcessor.from_pretrained(processor_dir, max_pixels=1003520)
+    ours = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, max_pixels=1003520, exact=True)
+    worst = 0.0
+    for path, _, rgb in images:
+        expected = ref(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), return_tensors="np")
+        got = ours(rgb, return_tensors="np")
+        assert np.array_equal(got["image_grid_thw"], expected["image_grid_thw"]), path.name
+        worst = max(worst, float(np.abs(got["pixel_values"] - expected["pixel_values"]).max()))
+    print(f"\nexact vs transformers torchvision backend: max |diff| = {worst:.3f}")
+    assert worst < 0.5
+
+
+def test_header_sizes_and_token_counts_agree_with_grid(processor_dir, images):
+    ref = reference(processor_dir, 1003520)
+    cfg = fastload.VisionConfig.from_pretrained(processor_dir, max_pixels=1003520)
+    for path, data, rgb in images:
+        assert fastload.image_size(data) == (rgb.shape[1], rgb.shape[0]), path.name
+        t, h, w = run_reference(ref, rgb)["image_grid_thw"][0]
+        assert fastload.num_image_tokens(rgb.shape[1], rgb.shape[0], cfg) == t * h * w // 4
+
+
+def test_fast_mode_psnr_and_dct_scaling(processor_dir):
+    """exact=False decodes fewer pixels; quality against the exact output stays high."""
+    exact = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, max_pixels=1003520, exact=True)
+    fast = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, max_pixels=1003520)
+    errors, scaled = [], 0
+    for path in shared_images("photos"):
+        data = path.read_bytes()
+        a, b = exact(data, return_tensors="np"), fast(data, return_tensors="np")
+        assert np.array_equal(a["image_grid_thw"], b["image_grid_thw"])
+        ua, _ = exact.resized(data)
+        ub, _ = fast.resized(data)
+        errors.append(np.mean((ua.astype(np.float64) - ub) ** 2))
+        scaled += fast.rgb(data).shape != exact.rgb(data).shape
+    psnr = 10 * math.log10(255 ** 2 / max(np.mean(errors), 1e-12))
+    print(f"\nfast vs exact over {len(errors)} photos: PSNR {psnr:.1f} dB, {scaled} DCT-scaled")
+    assert scaled >= 3
+    assert psnr >= 35
+
+
+def test_dct_scale_never_undershoots_target():
+    cfg = fastload.VisionConfig(max_pixels=200_000)
+    for h, w in ((3000, 4000), (1080, 1920), (600, 800), (4000, 30)):
+        data = jpeg_bytes(photo_like(h, w))
+        rgb = decode(data, target_hw=cfg.target_size(h, w))
+        th, tw = cfg.target_size(h, w)
+        assert rgb.shape[0] >= min(th, h) and rgb.shape[1] >= min(tw, w)
+        if h >= 2 * th and w >= 2 * tw:
+            assert rgb.shape[0] < h, "a 2x smaller target must decode DCT-scaled"
+
+
+def test_bfloat16_and_out_buffer(processor_dir):
+    data = jpeg_bytes(photo_like(480, 640))
+    f32 = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, exact=True)
+    bf16 = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, exact=True, dtype=torch.bfloat16)
+    a = f32(data)["pixel_values"]
+    b = bf16(data)["pixel_values"]
+    assert b.dtype == torch.bfloat16 and torch.equal(b, a.to(torch.bfloat16))
+    out = torch.empty_like(a)
+    result = f32([data], out=out)
+    assert result["pixel_values"].data_ptr() == out.data_ptr() and torch.equal(out, a)
+    with pytest.raises(ValueError):
+        f32(data, out=torch.empty(3, 3))
+
+
+def test_uint8_wire_format_expands_to_the_direct_output(processor_dir):
+    proc = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, max_pixels=1003520, exact=True)
+    datas = [jpeg_bytes(photo_like(300, 500, 1)), jpeg_bytes(photo_like(1000, 200, 2))]
+    wires = [proc.resized(d) for d in datas]
+    flat = torch.cat([torch.from_numpy(w.reshape(-1)) for w, _ in wires])
+    grid = torch.tensor([g for _, g in wires])
+    direct = proc(datas)
+    assert torch.equal(grid, direct["image_grid_thw"])
+    assert torch.equal(fastload.expand_patches(flat, grid, proc.config), direct["pixel_values"])
+    bf = fastload.expand_patches(flat, grid, proc.config, dtype=torch.bfloat16)
+    assert torch.equal(bf, direct["pixel_values"].to(torch.bfloat16))
+
+
+def test_input_types_agree(processor_dir, tmp_path):
+    rgb = photo_like(200, 300)
+    data = jpeg_bytes(rgb)
+    path = tmp_path / "x.png"  # the wrong extension on purpose: the bytes decide
+    path.write_bytes(data)
+    proc = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, exact=True)
+    decoded = pillow_rgb(data)
+    outs = [proc(x)["pixel_values"] for x in (data, str(path), Image.fromarray(decoded), decoded)]
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+
+
+def test_generated_extreme_aspect_ratios(processor_dir):
+    ref = reference(processor_dir, 1003520)
+    ours = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, max_pixels=1003520, exact=True)
+    for h, w in ((1, 150), (199, 1), (28, 5000), (3000, 20), (1, 1), (4, 4)):
+        rgb = photo_like(h, w) if min(h, w) > 1 else np.full((h, w, 3), 77, np.uint8)
+        expected = run_reference(ref, rgb)
+        got = ours(jpeg_bytes(rgb))
+        got_rgb = ours(pillow_rgb(jpeg_bytes(rgb)), return_tensors="np")
+        assert np.array_equal(got["image_grid_thw"].numpy(), expected["image_grid_thw"])
+        assert np.array_equal(got_rgb["image_grid_thw"], expected["image_grid_thw"])
+    with pytest.raises(ValueError, match="aspect ratio"):
+        ours(jpeg_bytes(photo_like(2, 500)))
+
+
+def test_config_from_pretrained_and_overrides(processor_dir):
+    proc = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir)
+    assert proc.config.max_pixels == 12845056 and proc.config.min_pixels == 3136
+    proc = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, size={"shortest_edge": 100, "longest_edge": 5000})
+    assert (proc.config.min_pixels, proc.config.max_pixels) == (100, 5000)
+    cfg = fastload.VisionConfig.from_dict({"size": {"shortest_edge": 10, "longest_edge": 20}, "patch_size": 16})
+    assert (cfg.min_pixels, cfg.max_pixels, cfg.patch_size) == (10, 20, 16)
+
+
+# -- bad input ----------------------------------------------------------------------------
+def test_corrupt_inputs_raise_clear_errors():
+    need = [IMAGES / "pillow" / "truncated_jpeg.jpg", IMAGES / "libjpeg-turbo" / "monkey12.jpg",
+            IMAGES / "pillow_nonjpeg" / "decompression_bomb.gif"]
+    for p in need:
+        if not p.exists():
+            pytest.skip(f"{p} is absent")
+    proc = fastload.Qwen2VLImageProcessor()
+    with pytest.raises(ImageDecodeError, match="(?i)premature|truncat|corrupt"):
+        proc(need[0].read_bytes())
+    with pytest.raises(ImageDecodeError, match="precision 12"):
+        proc(need[1].read_bytes())
+    with pytest.raises(DecompressionBombError, match="decompression bomb"):
+        proc(need[2].read_bytes())
+
+
+def test_generated_corruptions_raise():
+    data = jpeg_bytes(photo_like(64, 64))
+    proc = fastload.Qwen2VLImageProcessor()
+    for bad in (data[: len(data) // 2], b"\xff\xd8\xff" + b"\x00" * 50, b"not an image at all", b"",
+                data[:2] + b"junk" * 10 + data[2:100]):
+        with pytest.raises(ImageDecodeError):
+            proc(bad)
+
+
+def test_bomb_limit_is_configurable_and_checked_before_decoding():
+    big = jpeg_bytes(photo_like(400, 400))
+    with pytest.raises(DecompressionBombError):
+        fastload.Qwen2VLImageProcessor(max_image_pixels=100_000)(big)
+    png = io.BytesIO()
+    Image.new("RGB", (20000, 20000)).save(png, format="PNG", compress_level=1)
+    with pytest.raises(DecompressionBombError):
+        fastload.Qwen2VLImageProcessor()(png.getvalue())
+
+
+def test_exif_orientation_matches_pillow():
+    for n in range(2, 9):
+        path = IMAGES / "pillow" / f"hopper_orientation_{n}.jpg"
+        if not path.exists():
+            pytest.skip("../shared images absent")
+        data = path.read_bytes()
+        assert np.array_equal(decode(data), pillow_rgb(data)), n
