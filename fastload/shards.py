@@ -11,7 +11,6 @@ import os
 import random
 import re
 import subprocess
-import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 
@@ -92,15 +91,75 @@ def split_key(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
+_BLOCK = 512
+
+
+def _read_exact(stream, n: int) -> bytes:
+    data = stream.read(n)
+    while len(data) < n:
+        more = stream.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The ``path`` record of a pax extended header, if any."""
+    pos = 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8")
+        pos += length
+    return None
+
+
 def tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular file in a tar stream, read sequentially."""
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if info.isreg():
-                    yield info.name, tar.extractfile(info).read()
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ValueError(f"{url}: corrupt or truncated tar ({exc})") from exc
+    """(name, bytes) of each regular file in a tar stream, read sequentially.
+
+    A small reader of its own (ustar, GNU long names, pax paths) rather than ``tarfile``,
+    because tarfile's stream mode ends quietly at a truncation: here a tar that stops
+    before its end-of-archive blocks, or a header with a bad checksum, is an error.
+    """
+    long_name = None
+    while True:
+        header = _read_exact(stream, _BLOCK)
+        if len(header) < _BLOCK:
+            raise ValueError(f"{url}: truncated tar (ends inside a header, no end-of-archive marker)")
+        if header == bytes(_BLOCK):
+            return  # end-of-archive marker
+        checksum = sum(header[:148]) + 256 + sum(header[156:])
+        try:
+            valid = _octal(header[148:156]) == checksum
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ValueError(f"{url}: corrupt tar header (bad checksum)")
+        size, kind = _octal(header[124:136]), header[156:157]
+        data = _read_exact(stream, size)
+        if len(data) < size:
+            raise ValueError(f"{url}: truncated tar (member data cut short)")
+        _read_exact(stream, -size % _BLOCK)
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+        if prefix:
+            name = prefix.decode("utf-8", "replace") + "/" + name
+        if kind in (b"L", b"x"):
+            long_name = data.split(b"\0", 1)[0].decode("utf-8") if kind == b"L" else _pax_path(data)
+            continue
+        if kind in (b"0", b"\0", b"7"):
+            yield (long_name or name), data
+        long_name = None
 
 
 def group_samples(members: Iterable[tuple[str, bytes]], url: str,

@@ -51,7 +51,7 @@ def reencode(data: bytes, max_pixels: int) -> bytes:
     return out.getvalue()
 
 
-def convert(record, *, root: str, max_pixels: int | None, validate: bool):
+def convert(record, *, source: str, root: str, max_pixels: int | None, validate: bool):
     """A record -> ("ok", key, members, image infos) or ("error", message). Runs in pool workers."""
     if isinstance(record, Exception):
         return "error", str(record)
@@ -73,7 +73,7 @@ def convert(record, *, root: str, max_pixels: int | None, validate: bool):
             members[f"{i}.{ext}" if len(record["images"]) > 1 else ext] = data
             infos.append((fmt, width, height, len(data)))
     except (RecordError, ImageDecodeError, ValueError, OSError) as exc:
-        return "error", f"record {record['id']}: {exc}"
+        return "error", f"{source} record {record['id']}: {exc}"
     members["json"] = json.dumps(record["meta"], ensure_ascii=False).encode("utf-8")
     return "ok", f"{record['id']:09d}", members, infos
 
@@ -119,7 +119,7 @@ def _source(args) -> tuple:
 
 def run(args) -> int:
     records, root, path = _source(args)
-    work = partial(convert, root=root, max_pixels=args.max_pixels, validate=args.validate)
+    work = partial(convert, source=path, root=root, max_pixels=args.max_pixels, validate=args.validate)
     writer = ShardWriter(args.output, maxcount=args.maxcount, maxsize=int(args.maxsize))
     stats, errors, start = ImageStats(), [], time.perf_counter()
     pool = mp.get_context("fork").Pool(args.workers) if args.workers > 1 else None
@@ -129,9 +129,9 @@ def run(args) -> int:
         for result in bar:
             if result[0] == "error":
                 errors.append(result[1])
-                log.warning("skipped %s: %s", path, result[1])
+                log.warning("skipped %s", result[1])
                 if args.on_error == "fail":
-                    raise SystemExit(f"fastload-shard: {path}: {result[1]}")
+                    raise SystemExit(f"fastload-shard: {result[1]}")
                 continue
             _, key, members, infos = result
             writer.write(key, members)
