@@ -127,22 +127,28 @@ def num_image_tokens(width: int, height: int, config: VisionConfig | dict | None
     return t * h * w // config.merge_size ** 2
 
 
-def _to_rgb_array(image, target_hw_of, max_pixels: int | None) -> np.ndarray:
-    """Decoded RGB pixels from bytes, a path, a PIL image or a uint8 HWC array."""
+def _to_rgb_array(image, config: VisionConfig, scaled: bool,
+                  max_pixels: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decoded RGB pixels and the resize target (height, width) of the *original* image.
+
+    With ``scaled``, a JPEG may decode DCT-scaled; the target still comes from its full
+    size (read from the header), so the grid never depends on the decode path.
+    """
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
             raise ValueError("arrays must be uint8 (H, W) or (H, W, C)")
         if image.ndim == 2 or image.shape[2] != 3:
             image = pil_to_rgb(Image.fromarray(image.squeeze()))
-        return image
+        return image, config.target_size(image.shape[0], image.shape[1])
     if isinstance(image, Image.Image):
-        return pil_to_rgb(image)
+        rgb = pil_to_rgb(image)
+        return rgb, config.target_size(rgb.shape[0], rgb.shape[1])
     data = as_bytes(image)
     header = read_header(data)
     check_pixels(header, max_pixels)
     width, height = header.size
-    target = target_hw_of(height, width) if target_hw_of else None
-    return decode(data, target_hw=target, max_pixels=max_pixels)
+    target = config.target_size(height, width)
+    return decode(data, target_hw=target if scaled else None, max_pixels=max_pixels), target
 
 
 class Qwen2VLImageProcessor:
@@ -182,48 +188,36 @@ class Qwen2VLImageProcessor:
         self._lut = self.config.lut(self.dtype)
 
     # -- pixels ---------------------------------------------------------------
-    def rgb(self, image) -> np.ndarray:
-        """Decoded RGB of one image, DCT-scaled unless ``exact``."""
-        target_hw_of = None if self.exact else self.config.target_size
-        return _to_rgb_array(image, target_hw_of, self.max_image_pixels)
+    def rgb(self, image) -> tuple[np.ndarray, tuple[int, int]]:
+        """Decoded RGB of one image (DCT-scaled unless ``exact``) and its resize target."""
+        return _to_rgb_array(image, self.config, not self.exact, self.max_image_pixels)
+
+    def _grid(self, target: tuple[int, int]) -> tuple[int, int, int]:
+        return 1, target[0] // self.config.patch_size, target[1] // self.config.patch_size
 
     def resized(self, image) -> tuple[np.ndarray, tuple[int, int, int]]:
         """The uint8 wire format: the resized (h, w, 3) image and its grid (t, h, w)."""
-        rgb = self.rgb(image)
-        th, tw = self.config.target_size(rgb.shape[0], rgb.shape[1])
+        rgb, (th, tw) = self.rgb(image)
         out = np.empty((th, tw, 3), np.uint8)
         _kernels.resize(rgb, out, th, tw)
-        return out, (1, th // self.config.patch_size, tw // self.config.patch_size)
+        return out, self._grid((th, tw))
 
-    def grid(self, image) -> tuple[int, int, int]:
-        """Grid of an encoded image from its header alone."""
-        width, height = read_header(as_bytes(image)).size
-        return self.config.grid(height, width)
-
-    def process_into(self, rgb: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, tuple[int, int, int]]:
-        """Runs the fused kernel on decoded pixels, writing the patches into ``out`` if given."""
+    def process_into(self, rgb: np.ndarray, target: tuple[int, int], out: np.ndarray) -> None:
+        """Runs the fused kernel: decoded pixels -> patches of the ``target`` size, into ``out``."""
         cfg = self.config
-        th, tw = cfg.target_size(rgb.shape[0], rgb.shape[1])
-        grid = (1, th // cfg.patch_size, tw // cfg.patch_size)
-        shape = (grid[1] * grid[2], cfg.patch_dim)
-        if out is None:
-            out = np.empty(shape, self._lut.dtype)
-        elif out.shape != shape or out.dtype != self._lut.dtype:
-            raise ValueError(f"out must be {self._lut.dtype} of shape {shape}, got {out.dtype} {out.shape}")
-        _kernels.process(rgb, out, self._lut, th, tw, cfg.patch_size, cfg.temporal_patch_size, cfg.merge_size)
-        return out, grid
+        _kernels.process(rgb, out, self._lut, target[0], target[1], cfg.patch_size,
+                         cfg.temporal_patch_size, cfg.merge_size)
 
     def __call__(self, images, return_tensors: str | None = "pt", out: torch.Tensor | np.ndarray | None = None):
         """``{"pixel_values", "image_grid_thw"}`` for one image or a list, as transformers returns them."""
         if not isinstance(images, (list, tuple)):
             images = [images]
-        rgbs = [self.rgb(im) for im in images]
-        grids = [self.config.grid(r.shape[0], r.shape[1]) for r in rgbs]
-        total = sum(h * w for _, h, w in grids)
-        flat = self._output_buffer(out, total)
+        decoded = [self.rgb(im) for im in images]
+        grids = [self._grid(target) for _, target in decoded]
+        flat = self._output_buffer(out, sum(h * w for _, h, w in grids))
         row = 0
-        for rgb, (_, h, w) in zip(rgbs, grids):
-            self.process_into(rgb, flat[row:row + h * w])
+        for (rgb, target), (_, h, w) in zip(decoded, grids):
+            self.process_into(rgb, target, flat[row:row + h * w])
             row += h * w
         pixel_values = self._wrap(flat, out, return_tensors)
         grid_thw = np.array(grids, dtype=np.int64).reshape(-1, 3)

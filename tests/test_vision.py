@@ -162,7 +162,7 @@ def test_fast_mode_psnr_and_dct_scaling(processor_dir):
         ua, _ = exact.resized(data)
         ub, _ = fast.resized(data)
         errors.append(np.mean((ua.astype(np.float64) - ub) ** 2))
-        scaled += fast.rgb(data).shape != exact.rgb(data).shape
+        scaled += fast.rgb(data)[0].shape != exact.rgb(data)[0].shape
     psnr = 10 * math.log10(255 ** 2 / max(np.mean(errors), 1e-12))
     print(f"\nfast vs exact over {len(errors)} photos: PSNR {psnr:.1f} dB, {scaled} DCT-scaled")
     assert scaled >= 3
