@@ -1,12 +1,13 @@
 """fastload: a high-throughput multimodal DataLoader for fine-tuning Qwen2.5-VL."""
 from .collate import Qwen2VLCollator
+from .loader import DataLoader
 from .decode import DecompressionBombError, ImageDecodeError, image_size
 from .shards import ShardDataset, ignore_and_continue, reraise, warn_and_continue
 from .text import Qwen2VLTransform, SampleError
 from .vision import Qwen2VLImageProcessor, VisionConfig, expand_patches, num_image_tokens, smart_resize
 
 __all__ = [
-    "DecompressionBombError", "ImageDecodeError", "Qwen2VLCollator", "Qwen2VLImageProcessor",
+    "DataLoader", "DecompressionBombError", "ImageDecodeError", "Qwen2VLCollator", "Qwen2VLImageProcessor",
     "Qwen2VLTransform", "SampleError", "ShardDataset", "VisionConfig",
     "ignore_and_continue", "reraise", "warn_and_continue",
     "expand_patches", "image_size", "num_image_tokens", "smart_resize",

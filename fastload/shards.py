@@ -256,7 +256,7 @@ class ShardDataset(IterableDataset):
         self.shuffle, self.seed, self.resampled = shuffle, seed, resampled
         self.transform, self.handler = transform, handler
         self.epoch = 0
-        self.skip = 0  # raw samples this worker skips before yielding (exact resume)
+        self.consumed = 0  # raw samples this process's stream has produced (for exact resume)
         manifest = find_manifest(self.urls)
         self._counts = self._shard_counts(manifest) if manifest else None
 
@@ -310,11 +310,19 @@ class ShardDataset(IterableDataset):
         return samples
 
     def __iter__(self) -> Iterator:
+        return self.iter_from(0)
+
+    def iter_from(self, skip: int) -> Iterator:
+        """The stream after its first ``skip`` raw samples (read, not transformed): an exact
+        resume costs only tar reading for what was already delivered."""
         samples = self.raw_samples()
-        for _ in range(self.skip):
+        self.consumed = 0
+        for _ in range(skip):
             if next(samples, None) is None:
                 return
+            self.consumed += 1
         for sample in samples:
+            self.consumed += 1
             if self.transform is None:
                 yield sample
                 continue

@@ -1,0 +1,140 @@
+"""Shared-memory segments that carry batches from workers to the main process.
+
+A worker owns a few *slots*; each slot is a named file in ``/dev/shm`` that the worker
+creates and maps once. The main process maps it when it first sees it and unlinks the name
+at once, so from then on the memory lives only in the two mappings and no crash can leak
+it. Batches are packed into a slot (tensors and arrays as raw bytes, everything else in a
+small pickled skeleton); the main process rebuilds them as zero-copy views, and the slot
+goes back to its worker when the last view of the batch is garbage collected.
+"""
+from __future__ import annotations
+
+import glob
+import mmap
+import os
+import pickle
+import secrets
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
+_ALIGN = 64
+
+
+def new_loader_id() -> str:
+    """A prefix unique to one loader iterator: every segment name starts with it."""
+    return f"fastload-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def segment_path(loader_id: str, worker: int, slot: int, generation: int) -> str:
+    return os.path.join(SHM_DIR, f"{loader_id}-w{worker}-s{slot}-g{generation}")
+
+
+def unlink_matching(loader_id: str, worker: int | None = None) -> None:
+    """Removes whatever names of this loader (or one of its workers) still exist."""
+    pattern = f"{loader_id}-w{worker}-*" if worker is not None else f"{loader_id}-*"
+    for path in glob.glob(os.path.join(SHM_DIR, pattern)):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def create_segment(path: str, size: int) -> mmap.mmap:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def attach_segment(path: str, size: int) -> mmap.mmap:
+    """Maps a worker's segment and unlinks its name: the mapping keeps the memory alive."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+# -- packing ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Ref:
+    """Where a tensor or array lives in the segment."""
+
+    offset: int
+    nbytes: int
+    dtype: object  # torch.dtype or numpy dtype
+    shape: tuple
+    is_tensor: bool
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _is_buffer(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.device.type == "cpu" or (
+        isinstance(x, np.ndarray) and x.dtype != object)
+
+
+def map_tree(obj, is_leaf, fn):
+    """Applies ``fn`` to the leaves of nested dicts/lists/tuples/namedtuples, keeping container types."""
+    if is_leaf(obj):
+        return fn(obj)
+    if isinstance(obj, dict):
+        items = {k: map_tree(v, is_leaf, fn) for k, v in obj.items()}
+        return items if type(obj) is dict else type(obj)(items)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(map_tree(v, is_leaf, fn) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tree(v, is_leaf, fn) for v in obj)
+    return obj
+
+
+def _buffers(batch) -> list:
+    found: list = []
+    map_tree(batch, _is_buffer, found.append)
+    return found
+
+
+def packed_size(batch) -> int:
+    return sum(_aligned(x.nbytes) for x in _buffers(batch))
+
+
+def _byte_view(buf, offset: int, nbytes: int) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(buf, np.uint8, count=nbytes, offset=offset))
+
+
+def pack(batch, buf: mmap.mmap) -> bytes:
+    """Copies the batch's tensors/arrays into ``buf``; returns the pickled skeleton."""
+    refs, offset = [], 0
+    for x in _buffers(batch):
+        t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+        if t.nbytes:
+            _byte_view(buf, offset, t.nbytes).view(t.dtype).view(t.shape).copy_(t)
+        refs.append(_Ref(offset, t.nbytes, x.dtype, tuple(x.shape), isinstance(x, torch.Tensor)))
+        offset += _aligned(t.nbytes)
+    it = iter(refs)
+    skeleton = map_tree(batch, _is_buffer, lambda _: next(it))
+    return pickle.dumps(skeleton, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _view(ref: _Ref, root: np.ndarray):
+    raw = root[ref.offset: ref.offset + ref.nbytes]
+    if ref.is_tensor:
+        return torch.from_numpy(raw).view(ref.dtype).view(ref.shape)
+    return raw.view(ref.dtype).reshape(ref.shape)
+
+
+def unpack(skeleton: bytes, buf: mmap.mmap, size: int, on_release) -> object:
+    """Rebuilds a batch as views of ``buf``; ``on_release()`` runs once no view is alive."""
+    root = np.frombuffer(buf, np.uint8, count=size)
+    batch = map_tree(pickle.loads(skeleton), lambda o: isinstance(o, _Ref), lambda ref: _view(ref, root))
+    weakref.finalize(root, on_release)
+    return batch

@@ -1,0 +1,181 @@
+"""The worker process: fetch a batch, pack it into one of its shared-memory slots, report.
+
+Messages in (from the main process): ``("task", idx, index)``, ``("free", slot)`` (a slot's
+batch was released; slot ``-1`` permits one extra, unpooled segment), ``("resume", epoch,
+skip)`` (start an epoch, optionally fast-forwarded), ``("stop",)``. Messages out:
+``(idx, "batch", slot, path, size, skeleton, progress, skipped)``, ``(idx, "error", wrapper)``,
+``(idx, "empty", skipped)``, ``(idx, "end")`` for an exhausted iterable, ``(None, "resumed")``.
+A worker starts a task only when it has a free slot: that is the back-pressure.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch._utils import ExceptionWrapper
+from torch.utils.data._utils import worker as torch_worker
+
+from . import shm
+from .fetch import EMPTY, Fetcher
+
+_PARENT_CHECK_S = 1.0
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a worker needs; pickled once at start (fork shares it for free)."""
+
+    dataset: object
+    is_iterable: bool
+    auto_collation: bool
+    collate_fn: object
+    drop_last: bool
+    batch_size: int
+    base_seed: int
+    init_fn: object
+    worker_id: int
+    num_workers: int
+    loader_id: str
+    slots: int
+    on_error: str
+    parent_pid: int
+
+
+class Slots:
+    """This worker's pooled segments, grown (under a new name) when a batch outgrows one."""
+
+    def __init__(self, cfg: WorkerConfig):
+        self.cfg = cfg
+        self.free = set(range(cfg.slots))
+        self.permits = 0  # extra one-off segments the main process allowed
+        self.maps: dict[int, tuple[str, int, object]] = {}
+        self.generation = 0
+
+    def available(self) -> bool:
+        return bool(self.free) or self.permits > 0
+
+    def _create(self, slot: int, size: int):
+        self.generation += 1
+        path = shm.segment_path(self.cfg.loader_id, self.cfg.worker_id, slot, self.generation)
+        return path, shm.create_segment(path, size)
+
+    def write(self, batch) -> tuple[int, str, int, bytes]:
+        """Packs ``batch`` into a free slot (or a permitted extra); returns where it went."""
+        need = max(shm.packed_size(batch), 64)
+        if not self.free:
+            self.permits -= 1
+            path, buf = self._create(-1, need)
+            skeleton = shm.pack(batch, buf)
+            buf.close()  # the named file keeps the bytes until the main process maps it
+            return -1, path, need, skeleton
+        slot = self.free.pop()
+        path, size, buf = self.maps.get(slot, (None, 0, None))
+        if size < need:
+            if buf is not None:
+                buf.close()
+            size = _round_up(max(need, int(size * 1.5)), 1 << 20)
+            path, buf = self._create(slot, size)
+            self.maps[slot] = (path, size, buf)
+        return slot, path, size, shm.pack(batch, buf)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _seed(cfg: WorkerConfig) -> int:
+    """Seeds exactly as torch's worker loop does, so random augmentations match torch."""
+    seed = cfg.base_seed + cfg.worker_id
+    random.seed(seed)
+    torch.manual_seed(seed)
+    np.random.seed(torch_worker._generate_state(cfg.base_seed, cfg.worker_id))
+    return seed
+
+
+def worker_loop(cfg: WorkerConfig, inbox, outbox) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
+    torch.set_num_threads(1)
+    seed = _seed(cfg)
+    torch_worker._worker_info = torch_worker.WorkerInfo(
+        id=cfg.worker_id, num_workers=cfg.num_workers, seed=seed, dataset=cfg.dataset)
+    init_error = None
+    try:
+        if cfg.init_fn is not None:
+            cfg.init_fn(cfg.worker_id)
+    except Exception:
+        init_error = ExceptionWrapper(where=f"in DataLoader worker process {cfg.worker_id}")
+    fetcher = Fetcher(cfg.dataset, cfg.is_iterable, cfg.auto_collation, cfg.collate_fn, cfg.drop_last,
+                      cfg.on_error)
+    try:
+        _serve(cfg, fetcher, init_error, inbox, outbox)
+    except (BrokenPipeError, EOFError, ConnectionResetError):
+        pass  # the main process went away
+    finally:
+        shm.unlink_matching(cfg.loader_id, cfg.worker_id)
+
+
+def _serve(cfg: WorkerConfig, fetcher: Fetcher, init_error, inbox, outbox) -> None:
+    slots, pending = Slots(cfg), deque()
+    exhausted = False
+    reported_skips = 0
+    while True:
+        wait = 0 if (pending and slots.available()) else _PARENT_CHECK_S
+        while inbox.poll(wait):
+            msg = inbox.recv()
+            kind = msg[0]
+            if kind == "task":
+                pending.append(msg[1:])
+            elif kind == "free":
+                if msg[1] < 0:
+                    slots.permits += 1
+                else:
+                    slots.free.add(msg[1])
+            elif kind == "resume":
+                _, epoch, skip = msg
+                pending.clear()
+                if epoch is not None and hasattr(cfg.dataset, "set_epoch"):
+                    cfg.dataset.set_epoch(epoch)
+                fetcher.start(skip.get("consumed") or 0, skip.get("batches", 0), cfg.batch_size)
+                exhausted = False
+                outbox.send((None, "resumed"))
+            elif kind == "stop":
+                return
+            wait = 0
+        if os.getppid() != cfg.parent_pid:
+            return  # orphaned: the finally clause removes our segments
+        if not (pending and slots.available()):
+            continue
+        idx, index = pending.popleft()
+        if exhausted:
+            continue  # like torch: tasks after the end are dropped; the main marks us inactive
+        if init_error is not None:
+            outbox.send((idx, "error", init_error))
+            continue
+        try:
+            batch = fetcher.fetch(index)
+        except StopIteration:
+            exhausted = True
+            outbox.send((idx, "end"))
+            continue
+        except Exception:
+            outbox.send((idx, "error", ExceptionWrapper(where=f"in DataLoader worker process {cfg.worker_id}")))
+            continue
+        skipped = _skip_count(cfg, fetcher) - reported_skips
+        reported_skips += skipped
+        if batch is EMPTY:
+            outbox.send((idx, "empty", skipped))
+            continue
+        slot, path, size, skeleton = slots.write(batch)
+        del batch
+        outbox.send((idx, "batch", slot, path, size, skeleton, fetcher.consumed, skipped))
+
+
+def _skip_count(cfg: WorkerConfig, fetcher: Fetcher) -> int:
+    """Samples skipped so far: by the fetcher's on_error, or by the dataset's own transform."""
+    transform = getattr(cfg.dataset, "transform", None)
+    return fetcher.skipped + getattr(transform, "skipped", 0)
