@@ -17,6 +17,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <immintrin.h>
+
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -80,75 +83,106 @@ inline uint8_t clip8(int32_t acc) {
   return static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v));
 }
 
-// A strided view of a uint8 (H, W, 3) image: EXIF rotations arrive as strides.
+// A packed uint8 (H, W, 3) image (rows contiguous; the Python side makes rotated views
+// contiguous first, so the loops below know their strides at compile time).
 struct Image {
   const uint8_t* data;
-  Py_ssize_t height, width, row_stride, col_stride, chan_stride;
-  const uint8_t* at(Py_ssize_t y, Py_ssize_t x) const {
-    return data + y * row_stride + x * col_stride;
-  }
+  Py_ssize_t height, width;
+  const uint8_t* row(Py_ssize_t y) const { return data + y * width * 3; }
 };
 
+// Hot loops that the compiler vectorizes are also compiled for AVX2 and SSE4.1, picked at
+// load time by the CPU.
+#define FASTLOAD_CLONES __attribute__((target_clones("avx2", "sse4.1", "default")))
+
+// One output pixel of the horizontal pass: `n` taps `k` over pixels from `p`.
+inline void tap_pixel(const uint8_t* p, const int32_t* k, int n, uint8_t* out) {
+  int32_t r = 1 << (kPrecisionBits - 1), g = r, b = r;
+  for (int i = 0; i < n; ++i) {
+    r += p[3 * i] * k[i];
+    g += p[3 * i + 1] * k[i];
+    b += p[3 * i + 2] * k[i];
+  }
+  out[0] = clip8(r);
+  out[1] = clip8(g);
+  out[2] = clip8(b);
+}
+
+// The same with SSE4.1: the three channels of a tap in one vector (a 4-byte load whose
+// fourth byte is ignored, so the caller keeps it inside the image).
+__attribute__((target("sse4.1")))
+inline void tap_pixel_sse41(const uint8_t* p, const int32_t* k, int n, uint8_t* out) {
+  __m128i acc = _mm_set1_epi32(1 << (kPrecisionBits - 1));
+  for (int i = 0; i < n; ++i) {
+    int32_t bytes;
+    std::memcpy(&bytes, p + 3 * i, 4);
+    const __m128i px = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(bytes));
+    acc = _mm_add_epi32(acc, _mm_mullo_epi32(px, _mm_set1_epi32(k[i])));
+  }
+  out[0] = clip8(_mm_extract_epi32(acc, 0));
+  out[1] = clip8(_mm_extract_epi32(acc, 1));
+  out[2] = clip8(_mm_extract_epi32(acc, 2));
+}
+
 // Horizontal pass over input rows [y0, y1) into a packed (y1 - y0, out_w, 3) buffer.
+template <bool kSse41>
+__attribute__((target("sse4.1")))
+void resample_rows_impl(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
+                        uint8_t* __restrict dst) {
+  // Locals, not vector members: stores through uint8_t* may alias anything, and the
+  // compiler would otherwise reload every member after each output byte.
+  const Py_ssize_t out_w = static_cast<Py_ssize_t>(taps.first.size());
+  const int* const first = taps.first.data();
+  const int* const count = taps.count.data();
+  const int32_t* const weights = taps.weights.data();
+  const int ksize = taps.ksize;
+  // Output pixels whose 4-byte loads could pass the end of the last row stay scalar.
+  Py_ssize_t safe_w = out_w;
+  while (safe_w > 0 && first[safe_w - 1] + count[safe_w - 1] >= src.width) --safe_w;
+  for (Py_ssize_t y = y0; y < y1; ++y) {
+    const uint8_t* in = src.row(y);
+    uint8_t* out = dst + (y - y0) * out_w * 3;
+    const Py_ssize_t vec_w = !kSse41 ? 0 : (y + 1 < src.height ? out_w : safe_w);
+    for (Py_ssize_t x = 0; x < out_w; ++x) {
+      if (x < vec_w)
+        tap_pixel_sse41(in + 3 * first[x], weights + x * ksize, count[x], out + 3 * x);
+      else
+        tap_pixel(in + 3 * first[x], weights + x * ksize, count[x], out + 3 * x);
+    }
+  }
+}
+
 void resample_rows(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
                    uint8_t* dst) {
-  const Py_ssize_t out_w = static_cast<Py_ssize_t>(taps.first.size());
-  const Py_ssize_t cs = src.chan_stride;
-  for (Py_ssize_t y = y0; y < y1; ++y) {
-    uint8_t* out = dst + (y - y0) * out_w * 3;
-    for (Py_ssize_t x = 0; x < out_w; ++x) {
-      const int32_t* k = &taps.weights[static_cast<size_t>(x) * taps.ksize];
-      const uint8_t* p = src.at(y, taps.first[x]);
-      int32_t r = 1 << (kPrecisionBits - 1), g = r, b = r;
-      for (int i = 0; i < taps.count[x]; ++i, p += src.col_stride) {
-        r += p[0] * k[i];
-        g += p[cs] * k[i];
-        b += p[2 * cs] * k[i];
-      }
-      out[3 * x] = clip8(r);
-      out[3 * x + 1] = clip8(g);
-      out[3 * x + 2] = clip8(b);
-    }
-  }
+  static const bool sse41 = __builtin_cpu_supports("sse4.1");
+  if (sse41)
+    resample_rows_impl<true>(src, taps, y0, y1, dst);
+  else
+    resample_rows_impl<false>(src, taps, y0, y1, dst);
 }
 
-// Vertical pass for output rows [y0, y1) into a packed (y1 - y0, width, 3) buffer.
+// Vertical pass for output rows [y0, y1) into a packed (y1 - y0, width, 3) buffer. Each
+// output row accumulates whole input rows (one tap at a time) in `acc`, a loop the
+// compiler vectorizes; integer sums are exact, so the order does not change the result.
+FASTLOAD_CLONES
 void resample_cols(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
-                   uint8_t* dst) {
-  const Py_ssize_t cs = src.chan_stride;
+                   uint8_t* dst, int32_t* acc) {
+  const Py_ssize_t n = src.width * 3;
   for (Py_ssize_t y = y0; y < y1; ++y) {
     const int32_t* k = &taps.weights[static_cast<size_t>(y) * taps.ksize];
-    uint8_t* out = dst + (y - y0) * src.width * 3;
-    for (Py_ssize_t x = 0; x < src.width; ++x) {
-      const uint8_t* p = src.at(taps.first[y], x);
-      int32_t r = 1 << (kPrecisionBits - 1), g = r, b = r;
-      for (int i = 0; i < taps.count[y]; ++i, p += src.row_stride) {
-        r += p[0] * k[i];
-        g += p[cs] * k[i];
-        b += p[2 * cs] * k[i];
-      }
-      out[3 * x] = clip8(r);
-      out[3 * x + 1] = clip8(g);
-      out[3 * x + 2] = clip8(b);
+    for (Py_ssize_t x = 0; x < n; ++x) acc[x] = 1 << (kPrecisionBits - 1);
+    for (int i = 0; i < taps.count[y]; ++i) {
+      const uint8_t* p = src.row(taps.first[y] + i);
+      const int32_t w = k[i];
+      for (Py_ssize_t x = 0; x < n; ++x) acc[x] += p[x] * w;
     }
-  }
-}
-
-// Copies rows [y0, y1) of a strided image into a packed buffer (no resize on either axis).
-void copy_rows(const Image& src, Py_ssize_t y0, Py_ssize_t y1, uint8_t* dst) {
-  for (Py_ssize_t y = y0; y < y1; ++y) {
-    uint8_t* out = dst + (y - y0) * src.width * 3;
-    for (Py_ssize_t x = 0; x < src.width; ++x) {
-      const uint8_t* p = src.at(y, x);
-      out[3 * x] = p[0];
-      out[3 * x + 1] = p[src.chan_stride];
-      out[3 * x + 2] = p[2 * src.chan_stride];
-    }
+    uint8_t* out = dst + (y - y0) * n;
+    for (Py_ssize_t x = 0; x < n; ++x) out[x] = clip8(acc[x]);
   }
 }
 
 Image packed(const uint8_t* data, Py_ssize_t height, Py_ssize_t width) {
-  return Image{data, height, width, width * 3, 3, 1};
+  return Image{data, height, width};
 }
 
 // Streams the resized image band by band: `emit(rows, y0, y1)` receives packed uint8
@@ -163,6 +197,7 @@ void resize_bands(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, Py_ssize
   const bool vertical_first =
       resize_v && out_h < src.height && (src.height - out_h) > 2 * (src.width - out_w);
   std::vector<uint8_t> chunk(static_cast<size_t>(band) * out_w * 3);
+  std::vector<int32_t> acc(static_cast<size_t>(std::max(src.width, out_w)) * 3);
   if (vertical_first) {
     // Each band: vertical taps from the source, then the horizontal taps.
     Taps vtaps(static_cast<int>(src.height), static_cast<int>(out_h));
@@ -170,7 +205,7 @@ void resize_bands(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, Py_ssize
     std::vector<uint8_t> tall(static_cast<size_t>(band) * src.width * 3);
     for (Py_ssize_t y = 0; y < out_h; y += band) {
       const Py_ssize_t y1 = y + band < out_h ? y + band : out_h;
-      resample_cols(src, vtaps, y, y1, tall.data());
+      resample_cols(src, vtaps, y, y1, tall.data(), acc.data());
       if (resize_h)
         resample_rows(packed(tall.data(), y1 - y, src.width), htaps, 0, y1 - y, chunk.data());
       emit(resize_h ? chunk.data() : tall.data(), y, y1);
@@ -178,23 +213,24 @@ void resize_bands(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, Py_ssize
     return;
   }
   // Horizontal pass once over all input rows; bands then cost only the vertical taps.
-  std::vector<uint8_t> wide(static_cast<size_t>(src.height) * out_w * 3);
+  std::vector<uint8_t> wide;
+  const uint8_t* rows = src.data;
   if (resize_h) {
+    wide.resize(static_cast<size_t>(src.height) * out_w * 3);
     resample_rows(src, Taps(static_cast<int>(src.width), static_cast<int>(out_w)), 0,
                   src.height, wide.data());
-  } else {
-    copy_rows(src, 0, src.height, wide.data());
+    rows = wide.data();
   }
-  const Image mid = packed(wide.data(), src.height, out_w);
   if (!resize_v) {
     for (Py_ssize_t y = 0; y < out_h; y += band)
-      emit(wide.data() + y * out_w * 3, y, y + band < out_h ? y + band : out_h);
+      emit(rows + y * out_w * 3, y, y + band < out_h ? y + band : out_h);
     return;
   }
+  const Image mid = packed(rows, src.height, out_w);
   Taps vtaps(static_cast<int>(src.height), static_cast<int>(out_h));
   for (Py_ssize_t y = 0; y < out_h; y += band) {
     const Py_ssize_t y1 = y + band < out_h ? y + band : out_h;
-    resample_cols(mid, vtaps, y, y1, chunk.data());
+    resample_cols(mid, vtaps, y, y1, chunk.data(), acc.data());
     emit(chunk.data(), y, y1);
   }
 }
@@ -210,24 +246,24 @@ struct PatchLayout {
   }
 };
 
-// Writes packed uint8 rows [y0, y1) (a whole number of patch rows) into the patch
-// layout through the per-channel lookup table `lut` (3 x 256 values of type T).
+// Writes one band of packed uint8 rows (the patch_size rows of patch-row `gh`) into the
+// patch layout through the per-channel lookup table `lut` (3 x 256 values of type T).
+// Patches are written whole, one after another, so the output is filled sequentially.
 template <typename T>
-void emit_patches(const uint8_t* rows, Py_ssize_t y0, Py_ssize_t y1, Py_ssize_t width,
-                  const PatchLayout& L, const T* lut, T* out) {
-  const Py_ssize_t P = L.patch, pp = P * P;
-  for (Py_ssize_t y = y0; y < y1; ++y) {
-    const uint8_t* src = rows + (y - y0) * width * 3;
-    const Py_ssize_t gh = y / P, py = y % P;
-    for (Py_ssize_t gw = 0; gw < L.grid_w; ++gw) {
-      T* patch = out + L.patch_row(gh, gw) * L.row_len() + py * P;
-      const uint8_t* px = src + gw * P * 3;
-      for (Py_ssize_t c = 0; c < 3; ++c) {
-        const T* table = lut + c * 256;
-        T* dst = patch + c * L.temporal * pp;
-        for (Py_ssize_t x = 0; x < P; ++x) dst[x] = table[px[3 * x + c]];
-        for (Py_ssize_t t = 1; t < L.temporal; ++t) std::memcpy(dst + t * pp, dst, P * sizeof(T));
+void emit_patches(const uint8_t* rows, Py_ssize_t gh, Py_ssize_t width, const PatchLayout& L,
+                  const T* lut, T* out) {
+  const Py_ssize_t P = L.patch, pp = P * P, row_bytes = width * 3;
+  for (Py_ssize_t gw = 0; gw < L.grid_w; ++gw) {
+    T* patch = out + L.patch_row(gh, gw) * L.row_len();
+    const uint8_t* corner = rows + gw * P * 3;
+    for (Py_ssize_t c = 0; c < 3; ++c) {
+      const T* table = lut + c * 256;
+      T* dst = patch + c * L.temporal * pp;
+      for (Py_ssize_t py = 0; py < P; ++py) {
+        const uint8_t* px = corner + py * row_bytes + c;
+        for (Py_ssize_t x = 0; x < P; ++x) dst[py * P + x] = table[px[3 * x]];
       }
+      for (Py_ssize_t t = 1; t < L.temporal; ++t) std::memcpy(dst + t * pp, dst, pp * sizeof(T));
     }
   }
 }
@@ -253,8 +289,7 @@ bool image_from_buffer(const Py_buffer& v, Image* img) {
     PyErr_SetString(PyExc_ValueError, "image must not be empty");
     return false;
   }
-  *img = Image{static_cast<const uint8_t*>(v.buf), v.shape[0], v.shape[1],
-               v.strides[0], v.strides[1], v.strides[2]};
+  *img = Image{static_cast<const uint8_t*>(v.buf), v.shape[0], v.shape[1]};
   return true;
 }
 
@@ -270,7 +305,7 @@ PyObject* py_resize(PyObject*, PyObject* args) {
   PyObject *src_obj, *dst_obj;
   Py_ssize_t out_h, out_w;
   if (!PyArg_ParseTuple(args, "OOnn", &src_obj, &dst_obj, &out_h, &out_w)) return nullptr;
-  Buffer src(src_obj, PyBUF_STRIDES | PyBUF_FORMAT);
+  Buffer src(src_obj, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT);
   if (!src.ok) return nullptr;
   Buffer dst(dst_obj, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS);
   if (!dst.ok) return nullptr;
@@ -291,8 +326,8 @@ template <typename T>
 void run_fused(const Image& img, Py_ssize_t out_h, Py_ssize_t out_w, const PatchLayout& L,
                const T* lut, T* out) {
   resize_bands(img, out_h, out_w, L.patch,
-               [&](const uint8_t* rows, Py_ssize_t y0, Py_ssize_t y1) {
-                 emit_patches(rows, y0, y1, out_w, L, lut, out);
+               [&](const uint8_t* rows, Py_ssize_t y0, Py_ssize_t) {
+                 emit_patches(rows, y0 / L.patch, out_w, L, lut, out);
                });
 }
 
@@ -311,7 +346,7 @@ PyObject* py_process(PyObject*, PyObject* args) {
     return PyErr_Format(PyExc_ValueError,
                         "output size %zdx%zd is not a positive multiple of patch*merge=%zd",
                         out_h, out_w, factor);
-  Buffer src(src_obj, PyBUF_STRIDES | PyBUF_FORMAT);
+  Buffer src(src_obj, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT);
   if (!src.ok) return nullptr;
   Buffer out(out_obj, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS);
   if (!out.ok) return nullptr;
@@ -338,8 +373,8 @@ PyObject* py_process(PyObject*, PyObject* args) {
 
 PyMethodDef kMethods[] = {
     {"resize", py_resize, METH_VARARGS,
-     "resize(src, dst, out_h, out_w): Pillow-identical bicubic resize of a uint8 (H, W, 3) "
-     "image (any strides) into a contiguous uint8 buffer."},
+     "resize(src, dst, out_h, out_w): Pillow-identical bicubic resize of a C-contiguous "
+     "uint8 (H, W, 3) image into a contiguous uint8 buffer."},
     {"process", py_process, METH_VARARGS,
      "process(src, out, lut, out_h, out_w, patch, temporal, merge): fused resize, "
      "normalize and Qwen2-VL patchify into `out`."},

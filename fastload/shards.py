@@ -256,6 +256,7 @@ class ShardDataset(IterableDataset):
         self.shuffle, self.seed, self.resampled = shuffle, seed, resampled
         self.transform, self.handler = transform, handler
         self.epoch = 0
+        self._warned_idle = False
         self.consumed = 0  # raw samples this process's stream has produced (for exact resume)
         manifest = find_manifest(self.urls)
         self._counts = self._shard_counts(manifest) if manifest else None
@@ -280,7 +281,8 @@ class ShardDataset(IterableDataset):
         shards = self.rank_shards()
         worker, workers = worker_and_count()
         _, world = rank_and_world()
-        if len(self.urls) < world * workers and worker == 0:
+        if len(self.urls) < world * workers and worker == 0 and not self._warned_idle:
+            self._warned_idle = True
             warnings.warn(f"fastload: {len(self.urls)} shards for {world} ranks x {workers} workers: "
                           "some workers get no shard and sit idle", stacklevel=2)
         return shards[worker::workers]

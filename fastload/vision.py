@@ -139,7 +139,7 @@ def _to_rgb_array(image, config: VisionConfig, scaled: bool,
             raise ValueError("arrays must be uint8 (H, W) or (H, W, C)")
         if image.ndim == 2 or image.shape[2] != 3:
             image = pil_to_rgb(Image.fromarray(image.squeeze()))
-        return image, config.target_size(image.shape[0], image.shape[1])
+        return np.ascontiguousarray(image), config.target_size(image.shape[0], image.shape[1])
     if isinstance(image, Image.Image):
         rgb = pil_to_rgb(image)
         return rgb, config.target_size(rgb.shape[0], rgb.shape[1])
@@ -148,7 +148,8 @@ def _to_rgb_array(image, config: VisionConfig, scaled: bool,
     check_pixels(header, max_pixels)
     width, height = header.size
     target = config.target_size(height, width)
-    return decode(data, target_hw=target if scaled else None, max_pixels=max_pixels), target
+    rgb = decode(data, target_hw=target if scaled else None, max_pixels=max_pixels)
+    return np.ascontiguousarray(rgb), target  # EXIF rotations arrive as views
 
 
 class Qwen2VLImageProcessor:

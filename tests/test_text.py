@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastload
+from fastload.baseline import content_list, reference_processor
 from fastload import tokenizer as tokcache
 from fastload.decode import ImageDecodeError
 from fastload.text import SampleError
@@ -22,26 +23,7 @@ MAX_PIXELS = 200_704  # keeps the reference processor quick
 
 @pytest.fixture(scope="module")
 def reference(processor_dir):
-    """transformers' Qwen2_5_VLProcessor: AutoProcessor where torchvision exists; otherwise the
-    same class around the PIL image processor (transformers 5 needs torchvision only for video)."""
-    from transformers import AutoTokenizer, Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():
-        from transformers import AutoProcessor
-
-        return AutoProcessor.from_pretrained(processor_dir, max_pixels=MAX_PIXELS)
-    tok = AutoTokenizer.from_pretrained(processor_dir)
-    proc = Qwen2_5_VLProcessor.__new__(Qwen2_5_VLProcessor)
-    proc.tokenizer = tok
-    proc.image_processor = Qwen2VLImageProcessorPil.from_pretrained(processor_dir, max_pixels=MAX_PIXELS)
-    proc.video_processor = None
-    proc.chat_template = tok.chat_template
-    proc.image_token, proc.video_token = "<|image_pad|>", "<|video_pad|>"
-    proc.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
-    proc.video_token_id = tok.convert_tokens_to_ids("<|video_pad|>")
-    return proc
+    return reference_processor(processor_dir, MAX_PIXELS)
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +31,8 @@ def transform(processor_dir):
     return fastload.Qwen2VLTransform(processor_dir, max_pixels=MAX_PIXELS, exact=True)
 
 
-def to_content_list(text: str) -> list[dict]:
-    parts, out = text.split("<image>"), []
-    for i, part in enumerate(parts):
-        if i:
-            out.append({"type": "image"})
-        if part:
-            out.append({"type": "text", "text": part})
-    return out
-
-
 def reference_encode(reference, messages, images, system=None):
-    msgs = [{"role": m["role"], "content": to_content_list(m["content"])} for m in messages]
+    msgs = [{"role": m["role"], "content": content_list(m["content"])} for m in messages]
     if system is not None:
         msgs = [{"role": "system", "content": [{"type": "text", "text": system}]}] + msgs
     text = reference.apply_chat_template(msgs, tokenize=False)

@@ -1,0 +1,148 @@
+"""``fastload-bench``: measure the loader at several worker counts and recommend one.
+
+    fastload-bench 'shards/train-{000000..000009}.tar' --processor qwen2_5_vl --workers 0,1,2,4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from .. import bench
+from ..shards import expand_urls
+
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 170)
+
+
+def parse_workers(text: str) -> list[int] | str:
+    if text == "auto":
+        return "auto"
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--workers takes a list like 0,1,2,4 or 'auto', not {text!r}") from None
+    if not counts or min(counts) < 0:
+        raise argparse.ArgumentTypeError("worker counts must be >= 0")
+    return counts
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fastload-bench", description=__doc__.split("\n")[0])
+    p.add_argument("shards", help="shard url(s), brace ranges allowed")
+    p.add_argument("--processor", required=True, help="Qwen2.5-VL processor directory")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=parse_workers, default=[0, 1, 2, 4], help="e.g. 0,1,2,4 or auto")
+    p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per setting (after warm-up)")
+    p.add_argument("--max-pixels", type=int)
+    p.add_argument("--json", help="write all measurements and the recommendation here")
+    p.add_argument("--plot", help="draw throughput, CPU and memory against workers (PNG)")
+    p.add_argument("--compare", choices=["torch"], help="also run torch DataLoader + transformers processor")
+    return p.parse_args(argv)
+
+
+def check_inputs(args) -> None:
+    """One-line errors for what would otherwise fail deep inside a worker."""
+    urls = expand_urls(args.shards)
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+    if not urls or len(missing) == len(urls):
+        raise SystemExit(f"fastload-bench: no shards match {args.shards!r}")
+    config = os.path.join(args.processor, "preprocessor_config.json")
+    if not os.path.isfile(config) or not os.access(config, os.R_OK):
+        raise SystemExit(f"fastload-bench: {args.processor!r} is not a readable processor directory "
+                         "(no preprocessor_config.json)")
+    limit = max(64, (os.cpu_count() or 1) * 16)
+    too_many = [n for n in (args.workers if isinstance(args.workers, list) else []) if n > limit]
+    if too_many:
+        raise SystemExit(f"fastload-bench: this machine cannot run {too_many[0]} workers "
+                         f"({os.cpu_count()} CPUs; at most {limit})")
+
+
+def table(result: bench.SweepResult) -> Table:
+    t = Table(title="fastload-bench")
+    for col in ("loader", "workers", "samples/s", "images/s", "tokens/s", "first batch s", "CPU %/core",
+                "CPU s/sample", "main RSS MB", "worker RSS MB", "shm MB"):
+        t.add_column(col, justify="right")
+    for m in result.measurements + result.baseline:
+        if m.error:
+            t.add_row(m.label, str(m.workers), f"[red]{m.error}[/red]", *[""] * 8)
+            continue
+        cores = " ".join(f"{c:.0f}" for c in m.cpu_percent_per_core)
+        t.add_row(m.label, str(m.workers), f"{m.samples_per_s:.1f}", f"{m.images_per_s:.1f}",
+                  f"{m.tokens_per_s:.0f}", f"{m.time_to_first_batch_s:.2f}", cores,
+                  f"{m.cpu_seconds_per_sample:.3f}", f"{m.main_rss_peak_mb:.0f}",
+                  "/".join(f"{r:.0f}" for r in m.worker_rss_peak_mb) or "-", f"{m.shm_peak_mb:.0f}")
+    return t
+
+
+def plot(result: bench.SweepResult, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("fastload-bench: --plot needs matplotlib (pip install 'fastload[plot]')") from None
+    ms = [m for m in result.measurements if m.error is None]
+    xs = [m.workers for m in ms]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(xs, [m.samples_per_s for m in ms], "o-", label="fastload")
+    for m in result.baseline:
+        a.plot([m.workers], [m.samples_per_s], "s", label=m.label)
+    a.set_xlabel("workers")
+    a.set_ylabel("samples/s")
+    a.legend()
+    b.plot(xs, [sum(m.cpu_percent_per_core) / max(len(m.cpu_percent_per_core), 1) for m in ms], "o-",
+           label="CPU % (mean of cores)")
+    b.set_xlabel("workers")
+    b2 = b.twinx()
+    b2.plot(xs, [m.memory_mb for m in ms], "s--", color="tab:red", label="memory MB")
+    b.legend(loc="upper left")
+    b2.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def report(result: bench.SweepResult, args) -> None:
+    console.print(table(result))
+    rec = result.recommendation
+    console.print(f"[bold]Recommendation: num_workers={rec.workers}[/bold] — {rec.reason}")
+    for m in result.baseline:
+        same = next((x for x in result.measurements if x.workers == m.workers and x.error is None), None)
+        if same and m.samples_per_s:
+            console.print(f"fastload vs {m.label} at {m.workers} workers: "
+                          f"{same.samples_per_s / m.samples_per_s:.1f}x samples/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.to_dict(), f, indent=1)
+    if args.plot:
+        plot(result, args.plot)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    check_inputs(args)
+    measured: list[bench.Measurement] = []
+
+    def progress(m: bench.Measurement) -> None:
+        measured.append(m)
+        status = m.error or f"{m.samples_per_s:.1f} samples/s"
+        console.print(f"  {m.label} workers={m.workers}: {status}")
+
+    try:
+        result = bench.sweep(args.shards, args.processor, args.workers, args.batch_size, args.seconds,
+                             args.max_pixels, args.compare == "torch", on_measurement=progress)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: what was measured so far[/yellow]")
+        ours = [m for m in measured if m.label == "fastload"]
+        result = bench.SweepResult(ours, bench.recommend(ours), [m for m in measured if m not in ours])
+        report(result, args)
+        sys.exit(130)
+    report(result, args)
+
+
+if __name__ == "__main__":
+    main()

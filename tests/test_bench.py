@@ -1,0 +1,119 @@
+"""fastload-bench: the recommendation logic on synthetic measurements, and the command end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastload import bench
+from fastload.bench import Measurement, recommend
+from fastload.cli import bench as cli
+
+from .test_shard_cli import run_cli as shard_cli
+from .test_shard_cli import write_chat_dataset
+
+
+def m(workers, sps, mem=100.0, error=None):
+    return Measurement(workers=workers, samples_per_s=sps, main_rss_peak_mb=mem, error=error)
+
+
+def test_recommends_smallest_on_the_plateau():
+    ms = [m(0, 10), m(1, 30), m(2, 55), m(4, 57), m(8, 56)]
+    rec = recommend(ms, memory_mb=10_000)
+    assert rec.workers == 2 and "within 5%" in rec.reason
+
+
+def test_noisy_ties_prefer_fewer_workers():
+    ms = [m(1, 100.0), m(2, 98.0), m(3, 101.0)]
+    assert recommend(ms, memory_mb=10_000).workers == 1
+
+
+def test_memory_limit_excludes_settings():
+    ms = [m(1, 30, mem=1000), m(2, 60, mem=3000), m(4, 90, mem=9000)]
+    rec = recommend(ms, memory_mb=10_000)  # budget 8000 MB
+    assert rec.workers == 2 and "[4] workers would not fit" in rec.reason
+    rec = recommend(ms, memory_mb=1000)
+    assert rec.workers == 1 and "no setting fits" in rec.reason
+
+
+def test_errors_and_nothing_measured():
+    assert recommend([m(1, 0, error="OSError: x")]).workers == 0
+    assert recommend([m(1, 10), m(2, 0, error="boom")], memory_mb=10_000).workers == 1
+
+
+def test_auto_search_doubles_then_stops_and_refines():
+    curve = {1: 10.0, 2: 19.0, 3: 24.0, 4: 25.0, 6: 25.5, 8: 25.2}
+    calls = []
+
+    def fake(n):
+        calls.append(n)
+        return m(n, curve.get(n, 25.0))
+
+    results = bench.auto_worker_counts(fake, max_workers=16)
+    assert calls == [1, 2, 4, 8, 6]  # 8 no better than 4: stop, then refine between 4 and 8
+    assert [r.workers for r in results] == [1, 2, 4, 6, 8]
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory, processor_dir):
+    root = tmp_path_factory.mktemp("bench")
+    rows = write_chat_dataset(root, n=16)
+    (root / "d.json").write_text(json.dumps(rows))
+    assert shard_cli(root / "d.json", root / "s", "--maxcount", 4) == 0
+    return str(root / "s-{000000..000003}.tar")
+
+
+def test_command_end_to_end_with_json(tiny_shards, processor_dir, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    cli.main([tiny_shards, "--processor", str(processor_dir), "--workers", "0,1,2", "--seconds", "0.5",
+              "--batch-size", "2", "--json", str(out), "--compare", "torch"])
+    data = json.loads(out.read_text())
+    assert [x["workers"] for x in data["measurements"]] == [0, 1, 2]
+    fields = {"samples_per_s", "images_per_s", "tokens_per_s", "time_to_first_batch_s", "cpu_percent_per_core",
+              "cpu_seconds_per_sample", "main_rss_peak_mb", "worker_rss_peak_mb", "shm_peak_mb", "memory_mb"}
+    for x in data["measurements"]:
+        assert fields <= set(x) and x["error"] is None and x["samples_per_s"] > 0
+        assert x["images_per_s"] > 0 and x["tokens_per_s"] > x["samples_per_s"]
+    assert len(data["measurements"][2]["worker_rss_peak_mb"]) == 2
+    assert data["baseline"][0]["label"] == "torch+transformers" and data["baseline"][0]["samples_per_s"] > 0
+    assert data["recommendation"]["workers"] in (0, 1, 2) and data["recommendation"]["reason"]
+    err = capsys.readouterr().err
+    assert "Recommendation: num_workers=" in err and "fastload vs torch+transformers" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["nothing-{000..003}.tar", "--processor", "."], "no shards match"),
+    (["{shards}", "--processor", "/nonexistent"], "not a readable processor directory"),
+    (["{shards}", "--processor", "{proc}", "--workers", "100000"], "cannot run 100000 workers"),
+])
+def test_bad_input_is_one_line(tiny_shards, processor_dir, capsys, args, message):
+    args = [a.replace("{shards}", tiny_shards).replace("{proc}", str(processor_dir)) for a in args]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_ctrl_c_reports_what_was_measured(tiny_shards, processor_dir, monkeypatch, capsys):
+    def interrupted(*args, on_measurement=None, **kw):
+        on_measurement(m(1, 12.5))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "sweep", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        cli.main([tiny_shards, "--processor", str(processor_dir)])
+    assert exc.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "12.5" in err and "num_workers=1" in err
+
+
+def test_plot_needs_matplotlib_or_draws(tiny_shards, processor_dir, tmp_path):
+    result = bench.SweepResult([m(0, 5), m(1, 9)], recommend([m(0, 5), m(1, 9)], memory_mb=1e4))
+    path = tmp_path / "p.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="needs matplotlib"):
+            cli.plot(result, str(path))
+        return
+    cli.plot(result, str(path))
+    assert path.stat().st_size > 1000
