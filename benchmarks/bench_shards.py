@@ -1,0 +1,88 @@
+"""Raw shard iteration, ShardDataset vs webdataset.WebDataset on the same shards (page cache),
+and fastload-shard conversion speed with 1 and 2 workers.
+
+    python benchmarks/bench_shards.py [--samples 3000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import tempfile
+import time
+
+import webdataset as wds
+
+from fastload.cli.shard import main as shard_main
+from fastload.shards import ShardDataset
+
+from common import MLLM_DEMO, PHOTOS, machine, need_shared, table
+
+
+def dataset(root: pathlib.Path, samples: int) -> pathlib.Path:
+    """Records cycling through the real photos and mllm_demo images, one image each."""
+    images = sorted(str(p) for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    images += sorted(str(p) for p in (MLLM_DEMO / "mllm_demo_data").glob("*.jpg"))
+    rows = [{"messages": [{"role": "user", "content": "<image>What is shown?"},
+                          {"role": "assistant", "content": f"Sample {i}."}],
+             "images": [images[i % len(images)]]} for i in range(samples)]
+    path = root / "records.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def convert(source: pathlib.Path, prefix: pathlib.Path, workers: int) -> float:
+    start = time.perf_counter()
+    try:
+        shard_main([str(source), str(prefix), "--workers", str(workers), "--maxcount", "500", "--quiet",
+                    "--image-root", "/"])
+    except SystemExit as exc:
+        assert not exc.code
+    return time.perf_counter() - start
+
+
+def iterate(make) -> tuple[int, int, float]:
+    start = time.perf_counter()
+    n = nbytes = 0
+    for sample in make():
+        n += 1
+        nbytes += sum(len(v) for k, v in sample.items() if isinstance(v, bytes))
+    return n, nbytes, time.perf_counter() - start
+
+
+def main() -> None:
+    need_shared()
+    p = argparse.ArgumentParser()
+    p.add_argument("--samples", type=int, default=3000)
+    args = p.parse_args()
+    print(f"machine: {machine()}\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = pathlib.Path(tmp)
+        source = dataset(root, args.samples)
+        rows = []
+        for workers in (1, 2):
+            seconds = convert(source, root / f"w{workers}" / "train", workers)
+            rows.append([workers, args.samples / seconds])
+        print("fastload-shard conversion")
+        print(table(["workers", "samples/s"], rows), "\n")
+        shards = sorted(str(p) for p in (root / "w2").glob("train-*.tar"))
+        size = sum(os.path.getsize(s) for s in shards)
+        readers = {
+            "fastload.ShardDataset": lambda: ShardDataset(shards),
+            "webdataset.WebDataset": lambda: wds.WebDataset(shards, shardshuffle=False),
+        }
+        for make in readers.values():  # warm the page cache
+            iterate(make)
+        rows, rates = [], {}
+        for name, make in readers.items():
+            best = min((iterate(make) for _ in range(3)), key=lambda r: r[2])
+            rates[name] = best[0] / best[2]
+            rows.append([name, best[0], rates[name], size / best[2] / 1e6])
+        print(f"raw iteration over {len(shards)} shards ({size / 1e6:.0f} MB, page cache), best of 3")
+        print(table(["reader", "samples", "samples/s", "MB/s"], rows))
+        print(f"ShardDataset / WebDataset: {rates['fastload.ShardDataset'] / rates['webdataset.WebDataset']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
