@@ -108,47 +108,63 @@ inline void tap_pixel(const uint8_t* p, const int32_t* k, int n, uint8_t* out) {
   out[2] = clip8(b);
 }
 
-// The same with SSE4.1: the three channels of a tap in one vector (a 4-byte load whose
-// fourth byte is ignored, so the caller keeps it inside the image).
-__attribute__((target("sse4.1")))
-inline void tap_pixel_sse41(const uint8_t* p, const int32_t* k, int n, uint8_t* out) {
-  __m128i acc = _mm_set1_epi32(1 << (kPrecisionBits - 1));
-  for (int i = 0; i < n; ++i) {
-    int32_t bytes;
-    std::memcpy(&bytes, p + 3 * i, 4);
-    const __m128i px = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(bytes));
-    acc = _mm_add_epi32(acc, _mm_mullo_epi32(px, _mm_set1_epi32(k[i])));
-  }
-  out[0] = clip8(_mm_extract_epi32(acc, 0));
-  out[1] = clip8(_mm_extract_epi32(acc, 1));
-  out[2] = clip8(_mm_extract_epi32(acc, 2));
-}
-
 // Horizontal pass over input rows [y0, y1) into a packed (y1 - y0, out_w, 3) buffer.
-template <bool kSse41>
-__attribute__((target("sse4.1")))
-void resample_rows_impl(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
-                        uint8_t* __restrict dst) {
+void resample_rows_scalar(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
+                          uint8_t* __restrict dst) {
   // Locals, not vector members: stores through uint8_t* may alias anything, and the
   // compiler would otherwise reload every member after each output byte.
   const Py_ssize_t out_w = static_cast<Py_ssize_t>(taps.first.size());
   const int* const first = taps.first.data();
   const int* const count = taps.count.data();
   const int32_t* const weights = taps.weights.data();
-  const int ksize = taps.ksize;
-  // Output pixels whose 4-byte loads could pass the end of the last row stay scalar.
-  Py_ssize_t safe_w = out_w;
-  while (safe_w > 0 && first[safe_w - 1] + count[safe_w - 1] >= src.width) --safe_w;
   for (Py_ssize_t y = y0; y < y1; ++y) {
     const uint8_t* in = src.row(y);
     uint8_t* out = dst + (y - y0) * out_w * 3;
-    const Py_ssize_t vec_w = !kSse41 ? 0 : (y + 1 < src.height ? out_w : safe_w);
-    for (Py_ssize_t x = 0; x < out_w; ++x) {
-      if (x < vec_w)
-        tap_pixel_sse41(in + 3 * first[x], weights + x * ksize, count[x], out + 3 * x);
-      else
-        tap_pixel(in + 3 * first[x], weights + x * ksize, count[x], out + 3 * x);
+    for (Py_ssize_t x = 0; x < out_w; ++x)
+      tap_pixel(in + 3 * first[x], weights + x * taps.ksize, count[x], out + 3 * x);
+  }
+}
+
+// The same with SSE4.1, two output pixels per step: each 128-bit accumulator holds one
+// pixel's R, G, B (and an ignored fourth lane, filled by 4-byte loads), the taps run to
+// the zero-padded kernel size, and the results are clipped with saturating packs
+// (equal to clip8). Pixels whose loads could leave the image fall back to the scalar loop.
+__attribute__((target("sse4.1")))
+void resample_rows_sse41(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
+                         uint8_t* __restrict dst) {
+  const Py_ssize_t out_w = static_cast<Py_ssize_t>(taps.first.size());
+  const int* const first = taps.first.data();
+  const int* const count = taps.count.data();
+  const int32_t* const weights = taps.weights.data();
+  const int ksize = taps.ksize;
+  const __m128i half = _mm_set1_epi32(1 << (kPrecisionBits - 1));
+  Py_ssize_t safe_w = out_w;  // all ksize taps of pixels below this stay inside a row
+  while (safe_w > 0 && first[safe_w - 1] + ksize >= src.width) --safe_w;
+  for (Py_ssize_t y = y0; y < y1; ++y) {
+    const uint8_t* in = src.row(y);
+    uint8_t* out = dst + (y - y0) * out_w * 3;
+    Py_ssize_t x = 0;
+    for (; x + 1 < safe_w; x += 2) {
+      const uint8_t* pa = in + 3 * first[x];
+      const uint8_t* pb = in + 3 * first[x + 1];
+      const int32_t* ka = weights + x * ksize;
+      const int32_t* kb = ka + ksize;
+      __m128i a = half, b = half;
+      for (int i = 0; i < ksize; ++i) {
+        int32_t va, vb;
+        std::memcpy(&va, pa + 3 * i, 4);
+        std::memcpy(&vb, pb + 3 * i, 4);
+        a = _mm_add_epi32(a, _mm_mullo_epi32(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(va)), _mm_set1_epi32(ka[i])));
+        b = _mm_add_epi32(b, _mm_mullo_epi32(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(vb)), _mm_set1_epi32(kb[i])));
+      }
+      const __m128i words = _mm_packs_epi32(_mm_srai_epi32(a, kPrecisionBits), _mm_srai_epi32(b, kPrecisionBits));
+      const __m128i bytes = _mm_packus_epi16(words, words);  // r g b _ r g b _
+      const int32_t lo = _mm_cvtsi128_si32(bytes), hi = _mm_extract_epi32(bytes, 1);
+      std::memcpy(out + 3 * x, &lo, 3);
+      std::memcpy(out + 3 * x + 3, &hi, 3);
     }
+    for (; x < out_w; ++x)
+      tap_pixel(in + 3 * first[x], weights + x * ksize, count[x], out + 3 * x);
   }
 }
 
@@ -156,9 +172,9 @@ void resample_rows(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t
                    uint8_t* dst) {
   static const bool sse41 = __builtin_cpu_supports("sse4.1");
   if (sse41)
-    resample_rows_impl<true>(src, taps, y0, y1, dst);
+    resample_rows_sse41(src, taps, y0, y1, dst);
   else
-    resample_rows_impl<false>(src, taps, y0, y1, dst);
+    resample_rows_scalar(src, taps, y0, y1, dst);
 }
 
 // Vertical pass for output rows [y0, y1) into a packed (y1 - y0, width, 3) buffer. Each
