@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .loader.shm import Concat
+from .loader.worker import in_worker
 from .text import IGNORE_INDEX
 
 _TEXT_KEYS = ("input_ids", "attention_mask", "labels")
@@ -14,7 +16,9 @@ class Qwen2VLCollator:
     and concatenates images along patches; batches without images omit the image keys.
 
     ``pad_token_id=None`` pads ``input_ids`` with 0 — the value is masked by
-    ``attention_mask`` and ``labels`` either way.
+    ``attention_mask`` and ``labels`` either way. Inside a fastload worker the image keys
+    are handed over as :class:`~fastload.loader.shm.Concat`, which the loader writes
+    straight into shared memory; the trainer receives ordinary tensors.
     """
 
     def __init__(self, pad_token_id: int | None = None, label_pad_token_id: int = IGNORE_INDEX,
@@ -38,8 +42,9 @@ class Qwen2VLCollator:
             for row, e in enumerate(examples):
                 out[row, : len(e[key])] = e[key]
             batch[key] = out
+        concat = Concat if in_worker() else torch.cat  # in a worker: straight into shared memory
         for key in _IMAGE_KEYS:
             parts = [e[key] for e in examples if key in e]
             if parts:
-                batch[key] = torch.cat(parts)
+                batch[key] = concat(parts)
         return batch

@@ -111,7 +111,17 @@ def _keep_freed_memory() -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
 
 
+_in_worker = False
+
+
+def in_worker() -> bool:
+    """True inside a fastload worker, where collate may hand over :class:`shm.Concat`."""
+    return _in_worker
+
+
 def worker_loop(cfg: WorkerConfig, inbox, outbox) -> None:
+    global _in_worker
+    _in_worker = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
     _keep_freed_memory()
     torch.set_num_threads(1)
