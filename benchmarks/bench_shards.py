@@ -32,11 +32,11 @@ def dataset(root: pathlib.Path, samples: int) -> pathlib.Path:
     return path
 
 
-def convert(source: pathlib.Path, prefix: pathlib.Path, workers: int) -> float:
+def convert(source: pathlib.Path, prefix: pathlib.Path, workers: int, *extra: str) -> float:
     start = time.perf_counter()
     try:
         shard_main([str(source), str(prefix), "--workers", str(workers), "--maxcount", "500", "--quiet",
-                    "--image-root", "/"])
+                    "--image-root", "/", *extra])
     except SystemExit as exc:
         assert not exc.code
     return time.perf_counter() - start
@@ -61,11 +61,12 @@ def main() -> None:
         root = pathlib.Path(tmp)
         source = dataset(root, args.samples)
         rows = []
-        for workers in (1, 2):
-            seconds = convert(source, root / f"w{workers}" / "train", workers)
-            rows.append([workers, args.samples / seconds])
+        for extra in ((), ("--validate",)):
+            for workers in (1, 2):
+                seconds = convert(source, root / f"w{workers}" / "train", workers, *extra)
+                rows.append([" ".join(extra) or "(copy only)", workers, args.samples / seconds])
         print("fastload-shard conversion")
-        print(table(["workers", "samples/s"], rows), "\n")
+        print(table(["options", "workers", "samples/s"], rows), "\n")
         shards = sorted(str(p) for p in (root / "w2").glob("train-*.tar"))
         size = sum(os.path.getsize(s) for s in shards)
         readers = {

@@ -92,11 +92,15 @@ class _Sampler(threading.Thread):
 
 
 def worker_pids(loader) -> list[int]:
-    """Worker process ids of a fastload or (persistent-worker) torch DataLoader."""
+    """Worker process ids of a fastload or (persistent-worker) torch DataLoader, also when
+    wrapped in a pipeline (webdataset's WebLoader)."""
     if hasattr(loader, "worker_pids"):
         return loader.worker_pids
-    iterator = getattr(loader, "_iterator", None)
-    return [w.pid for w in getattr(iterator, "_workers", [])]
+    for candidate in (loader, *getattr(loader, "pipeline", [])):
+        workers = getattr(getattr(candidate, "_iterator", None), "_workers", None)
+        if workers:
+            return [w.pid for w in workers]
+    return []
 
 
 def shm_in_use(loader) -> int:

@@ -129,7 +129,7 @@ def _jpeg_header(data: bytes) -> Header:
     return Header("jpeg", size[0], size[1], orientation)
 
 
-def _png_needs_pillow_exif(data: bytes) -> tuple[int, int, int] | None:
+def _png_header(data: bytes) -> tuple[int, int, int] | None:
     """PNG: IHDR size and an eXIf orientation, walking chunk headers only; None when a text
     chunk may carry ImageMagick's raw EXIF profile (left to Pillow)."""
     width, height = struct.unpack_from(">II", data, 16)
@@ -149,7 +149,7 @@ def _png_needs_pillow_exif(data: bytes) -> tuple[int, int, int] | None:
 def _pillow_header(data: bytes, fmt: str | None) -> Header:
     """Header through Pillow's lazy open (reads no pixels for these formats)."""
     try:
-        with _open_pillow(data, check=False) as im:
+        with _open_pillow(data) as im:
             orientation = im.getexif().get(0x0112, 1)
             return Header(fmt or (im.format or "").lower(), im.width, im.height,
                           orientation if 1 <= orientation <= 8 else 1)
@@ -166,7 +166,7 @@ def read_header(data: bytes) -> Header:
         if fmt == "jpeg":
             return _jpeg_header(data)
         if fmt == "png":
-            parsed = _png_needs_pillow_exif(data)
+            parsed = _png_header(data)
             if parsed is not None:
                 return Header("png", *parsed)
         elif fmt == "bmp":
@@ -199,7 +199,7 @@ def check_pixels(header: Header, limit: int | None) -> None:
             f"over the limit of {limit} (possible decompression bomb)")
 
 
-def _open_pillow(data: bytes, check: bool = True) -> Image.Image:
+def _open_pillow(data: bytes) -> Image.Image:
     # Our own limit is enforced from the header; Pillow's would fire first on open().
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None

@@ -14,7 +14,6 @@ import subprocess
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 
-import torch
 import torch.distributed as dist
 from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image

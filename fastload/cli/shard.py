@@ -23,16 +23,25 @@ from ..writer import ImageStats, ShardWriter
 log = logging.getLogger("fastload.shard")
 
 
-def resolve_image(ref, root: str) -> tuple[str, bytes]:
-    """(source name, bytes) of an image reference; paths must stay inside ``root``."""
+class FileRef(str):
+    """An image file whose bytes go into the shard unchanged: pool workers send the path
+    back instead of the bytes, and the writing process reads it (from the page cache)."""
+
+    def read(self) -> bytes:
+        with open(self, "rb") as f:
+            return f.read()
+
+
+def resolve_image(ref, root: str) -> tuple[str, bytes, str | None]:
+    """(source name, bytes, file path or None) of an image reference; paths must stay inside ``root``."""
     if isinstance(ref, (bytes, bytearray)):
-        return "<bytes>", bytes(ref)
+        return "<bytes>", bytes(ref), None
     path = os.path.realpath(os.path.join(root, ref))
     if os.path.commonpath([path, os.path.realpath(root)]) != os.path.realpath(root):
         raise RecordError(f"image path {ref!r} escapes the dataset root {root}")
     try:
         with open(path, "rb") as f:
-            return ref, f.read()
+            return ref, f.read(), path
     except OSError as exc:
         raise RecordError(f"cannot read image {ref!r}: {exc.strerror}") from exc
 
@@ -51,26 +60,29 @@ def reencode(data: bytes, max_pixels: int) -> bytes:
     return out.getvalue()
 
 
-def convert(record, *, source: str, root: str, max_pixels: int | None, validate: bool):
-    """A record -> ("ok", key, members, image infos) or ("error", message). Runs in pool workers."""
+def convert(record, *, source: str, root: str, max_pixels: int | None, validate: bool,
+            by_reference: bool = False):
+    """A record -> ("ok", key, members, image infos) or ("error", message). Runs in pool
+    workers, which return unchanged image files ``by_reference`` (see FileRef)."""
     if isinstance(record, Exception):
         return "error", str(record)
     members, infos = {}, []
     try:
         for i, ref in enumerate(record["images"]):
-            name, data = resolve_image(ref, root)
+            name, data, path = resolve_image(ref, root)
             fmt = sniff_format(data)
             if fmt is None:
                 raise RecordError(f"image {name!r} is not a recognised image format")
             header = read_header(data)
             width, height = header.size
             if max_pixels and width * height > max_pixels:
-                data, fmt = reencode(data, max_pixels), "jpeg"
+                data, fmt, path = reencode(data, max_pixels), "jpeg", None
                 width, height = read_header(data).size
             if validate:
                 decode(data, max_pixels=None)
             ext = EXTENSIONS[fmt]
-            members[f"{i}.{ext}" if len(record["images"]) > 1 else ext] = data
+            member = FileRef(path) if by_reference and path else data
+            members[f"{i}.{ext}" if len(record["images"]) > 1 else ext] = member
             infos.append((fmt, width, height, len(data)))
     except (RecordError, ImageDecodeError, ValueError, OSError) as exc:
         return "error", f"{source} record {record['id']}: {exc}"
@@ -119,11 +131,12 @@ def _source(args) -> tuple:
 
 def run(args) -> int:
     records, root, path = _source(args)
-    work = partial(convert, source=path, root=root, max_pixels=args.max_pixels, validate=args.validate)
+    work = partial(convert, source=path, root=root, max_pixels=args.max_pixels, validate=args.validate,
+                   by_reference=args.workers > 1)
     writer = ShardWriter(args.output, maxcount=args.maxcount, maxsize=int(args.maxsize))
     stats, errors, start = ImageStats(), [], time.perf_counter()
     pool = mp.get_context("fork").Pool(args.workers) if args.workers > 1 else None
-    results = pool.imap(work, records, chunksize=4) if pool else map(work, records)
+    results = pool.imap(work, records, chunksize=16) if pool else map(work, records)
     bar = tqdm(results, unit=" samples", disable=args.quiet, desc="sharding")
     try:
         for result in bar:
@@ -134,7 +147,7 @@ def run(args) -> int:
                     raise SystemExit(f"fastload-shard: {result[1]}")
                 continue
             _, key, members, infos = result
-            writer.write(key, members)
+            writer.write(key, {k: v.read() if isinstance(v, FileRef) else v for k, v in members.items()})
             for info in infos:
                 stats.add(*info)
     except BaseException:

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Every benchmark, one after another, into benchmarks/results/ (quoted in RESULTS.md).
+#   bash benchmarks/run_all.sh        (after `bash run.sh test` or `bash run.sh demo` set up .venv)
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-../.venv/bin/python}
+mkdir -p results
+for bench in bench_image bench_shards bench_text bench_loader; do
+  echo "== $bench"
+  "$PY" -W ignore "$bench.py" 2>&1 | tee "results/$bench.txt"
+done
+"$PY" -W ignore ../benchmarks/demo.py --samples 400 --out /tmp/fastload-bench-demo >/dev/null
+../.venv/bin/fastload-bench '/tmp/fastload-bench-demo/shards/train-{000000..000003}.tar' \
+  --processor "${FASTLOAD_SHARED:-../../shared}/qwen2_5_vl" --workers 0,1,2 --seconds 10 --compare torch \
+  --json results/fastload_bench.json 2>&1 | tee results/fastload_bench.txt
