@@ -160,7 +160,7 @@ def test_parallel_equals_serial_and_rerun_overwrites(tmp_path):
     rows = write_chat_dataset(tmp_path, n=30)
     (tmp_path / "d.json").write_text(json.dumps(rows))
     assert run_cli(tmp_path / "d.json", tmp_path / "a" / "s", "--maxcount", 7) == 0
-    assert run_cli(tmp_path / "d.json", tmp_path / "b" / "s", "--maxcount", 7, "--workers", 2) == 0
+    assert run_cli(tmp_path / "d.json", tmp_path / "b" / "s", "--maxcount", 7, "--workers", 2, "--validate") == 0
     a = sorted((tmp_path / "a").glob("s-*.tar"))
     b = sorted((tmp_path / "b").glob("s-*.tar"))
     assert len(a) == 5 and [p.read_bytes() for p in a] == [p.read_bytes() for p in b]

@@ -102,7 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-root", help="directory image paths are relative to (default: the input's)")
     p.add_argument("--maxcount", type=int, default=10_000, help="samples per shard (default 10000)")
     p.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard (default 1e9)")
-    p.add_argument("--workers", type=int, default=1, help="conversion processes (default 1)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes for --validate / --max-pixels work (default 1; plain copying is I/O bound)")
     p.add_argument("--max-pixels", type=int, help="re-encode images larger than this many pixels")
     p.add_argument("--validate", action="store_true", help="decode every image")
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip")
@@ -131,11 +132,17 @@ def _source(args) -> tuple:
 
 def run(args) -> int:
     records, root, path = _source(args)
+    # Without --validate or --max-pixels there is nothing to compute per image: conversion is
+    # bound by reading and writing, and worker processes only add copies (measured in
+    # benchmarks/RESULTS.md), so it stays in this process.
+    parallel = args.workers > 1 and (args.validate or args.max_pixels)
+    if args.workers > 1 and not parallel:
+        log.info("--workers %d: nothing to compute per image, converting in one process", args.workers)
     work = partial(convert, source=path, root=root, max_pixels=args.max_pixels, validate=args.validate,
-                   by_reference=args.workers > 1)
+                   by_reference=bool(parallel))
     writer = ShardWriter(args.output, maxcount=args.maxcount, maxsize=int(args.maxsize))
     stats, errors, start = ImageStats(), [], time.perf_counter()
-    pool = mp.get_context("fork").Pool(args.workers) if args.workers > 1 else None
+    pool = mp.get_context("fork").Pool(args.workers) if parallel else None
     results = pool.imap(work, records, chunksize=16) if pool else map(work, records)
     bar = tqdm(results, unit=" samples", disable=args.quiet, desc="sharding")
     try:
