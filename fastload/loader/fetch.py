@@ -103,6 +103,13 @@ class Fetcher:
         return self._map_batch(index)
 
     @property
+    def skipped_total(self) -> int:
+        """Samples skipped so far: by ``on_error`` here, or by the dataset's own transform
+        (``ShardDataset`` + ``Qwen2VLTransform(on_error="skip")``)."""
+        transform = getattr(self.dataset, "transform", None)
+        return self.skipped + getattr(transform, "skipped", 0)
+
+    @property
     def consumed(self):
         """Raw samples an iterable dataset's stream has produced so far, when it tracks that."""
         return getattr(self.dataset, "consumed", None)

@@ -47,13 +47,13 @@ class _ResumableIter(_BaseDataLoaderIter):
         self._loader_stats = loader.stats
         self._generator = loader.generator
         self._finished = False
-        resume = loader._take_resume_state()
-        if resume is not None and not resume["finished"]:
+        resume = loader._take_resume_state()  # only mid-epoch states get here
+        if resume is not None:
             self._base_seed = resume["base_seed"]
             set_rng_state(loader.generator, resume["epoch_rng"])
             self._sampler_iter = iter(self._index_sampler)
         self._epoch_rng = rng_state(loader.generator)
-        return resume if resume is not None and not resume["finished"] else None
+        return resume
 
     def _skip_map_batches(self, n: int) -> None:
         """Fast-forwards a map-style epoch by drawing (not loading) its first ``n`` batches."""
@@ -105,8 +105,7 @@ class InProcessIter(_ResumableIter):
                 return batch
 
     def _report_skips(self) -> None:
-        transform = getattr(self._dataset, "transform", None)
-        total = self._fetcher.skipped + getattr(transform, "skipped", 0)
+        total = self._fetcher.skipped_total
         self._loader_stats["skipped"] += total - self._reported
         self._reported = total
 

@@ -190,7 +190,7 @@ def _serve(cfg: WorkerConfig, fetcher: Fetcher, init_error, inbox, outbox) -> No
         except Exception:
             outbox.send((idx, "error", ExceptionWrapper(where=f"in DataLoader worker process {cfg.worker_id}")))
             continue
-        skipped = _skip_count(cfg, fetcher) - reported_skips
+        skipped = fetcher.skipped_total - reported_skips
         reported_skips += skipped
         if batch is EMPTY:
             outbox.send((idx, "empty", skipped))
@@ -199,8 +199,3 @@ def _serve(cfg: WorkerConfig, fetcher: Fetcher, init_error, inbox, outbox) -> No
         del batch
         outbox.send((idx, "batch", slot, path, size, skeleton, fetcher.consumed, skipped))
 
-
-def _skip_count(cfg: WorkerConfig, fetcher: Fetcher) -> int:
-    """Samples skipped so far: by the fetcher's on_error, or by the dataset's own transform."""
-    transform = getattr(cfg.dataset, "transform", None)
-    return fetcher.skipped + getattr(transform, "skipped", 0)
