@@ -267,14 +267,15 @@ def _decode_jpeg(data: bytes, header: Header, target_hw: tuple[int, int] | None)
 
 
 def decode(source, *, target_hw: tuple[int, int] | None = None,
-           max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
+           max_pixels: int | None = MAX_IMAGE_PIXELS, header: Header | None = None) -> np.ndarray:
     """RGB uint8 (H, W, 3) pixels of an encoded image, EXIF orientation applied.
 
     ``target_hw`` allows a JPEG to be decoded DCT-scaled, no smaller than that (height,
     width). The array may be a strided view (orientation is applied by strides, not copies).
+    ``header`` saves parsing it again when the caller already has it.
     """
     data = as_bytes(source)
-    header = read_header(data)
+    header = header or read_header(data)
     check_pixels(header, max_pixels)
     if header.format == "jpeg":
         return _decode_jpeg(data, header, target_hw)

@@ -148,7 +148,7 @@ def _to_rgb_array(image, config: VisionConfig, scaled: bool,
     check_pixels(header, max_pixels)
     width, height = header.size
     target = config.target_size(height, width)
-    rgb = decode(data, target_hw=target if scaled else None, max_pixels=max_pixels)
+    rgb = decode(data, target_hw=target if scaled else None, max_pixels=max_pixels, header=header)
     return np.ascontiguousarray(rgb), target  # EXIF rotations arrive as views
 
 
