@@ -205,6 +205,8 @@ def auto_worker_counts(measure_one: Callable[[int], Measurement], max_workers: i
     n = 1
     while n <= max_workers:
         results[n] = measure_one(n)
+        if results[n].error is not None:
+            break  # more workers will not start either
         previous = results.get(n // 2)
         if previous is not None and results[n].samples_per_s < (1 + tolerance) * previous.samples_per_s:
             middle = (n // 2 + n) // 2
@@ -264,7 +266,8 @@ def sweep(shards, processor_dir, workers: Iterable[int] | str = (0, 1, 2, 4), ba
         try:
             m = measure(make, n, seconds, label=label)
         except (OSError, RuntimeError) as exc:
-            m = Measurement(workers=n, label=label, error=f"{type(exc).__name__}: {exc}")
+            first_line = (str(exc).splitlines() or [""])[0]
+            m = Measurement(workers=n, label=label, error=f"{type(exc).__name__}: {first_line}")
         if on_measurement:
             on_measurement(m)
         return m

@@ -54,6 +54,17 @@ def test_auto_search_doubles_then_stops_and_refines():
     assert [r.workers for r in results] == [1, 2, 4, 6, 8]
 
 
+def test_auto_search_stops_at_the_first_failure():
+    calls = []
+
+    def failing(n):
+        calls.append(n)
+        return m(n, 0, error="OSError: cannot start") if n >= 2 else m(n, 10)
+
+    assert [r.workers for r in bench.auto_worker_counts(failing, max_workers=16)] == [1, 2]
+    assert calls == [1, 2]
+
+
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory, processor_dir):
     root = tmp_path_factory.mktemp("bench")
@@ -85,8 +96,11 @@ def test_command_end_to_end_with_json(tiny_shards, processor_dir, tmp_path, caps
     (["nothing-{000..003}.tar", "--processor", "."], "no shards match"),
     (["{shards}", "--processor", "/nonexistent"], "not a readable processor directory"),
     (["{shards}", "--processor", "{proc}", "--workers", "100000"], "cannot run 100000 workers"),
+    (["{shards}", "--processor", "{proc}"], "do not exist"),
 ])
 def test_bad_input_is_one_line(tiny_shards, processor_dir, capsys, args, message):
+    if message == "do not exist":  # one shard more than there is
+        tiny_shards = tiny_shards.replace("000003}", "000004}")
     args = [a.replace("{shards}", tiny_shards).replace("{proc}", str(processor_dir)) for a in args]
     with pytest.raises(SystemExit) as exc:
         cli.main(args)

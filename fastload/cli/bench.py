@@ -50,6 +50,9 @@ def check_inputs(args) -> None:
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
     if not urls or len(missing) == len(urls):
         raise SystemExit(f"fastload-bench: no shards match {args.shards!r}")
+    if missing:
+        raise SystemExit(f"fastload-bench: {len(missing)} of {len(urls)} shards do not exist "
+                         f"(first: {missing[0]})")
     config = os.path.join(args.processor, "preprocessor_config.json")
     if not os.path.isfile(config) or not os.access(config, os.R_OK):
         raise SystemExit(f"fastload-bench: {args.processor!r} is not a readable processor directory "
