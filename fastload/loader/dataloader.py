@@ -27,7 +27,7 @@ class DataLoader(torch.utils.data.DataLoader):
         ``prefetch_factor`` batches ahead); without CUDA, warns once and stays on the CPU.
       on_error: ``"raise"`` (default, with the worker's traceback), ``"skip"`` or ``"warn"``
         for a sample whose loading raises; skipped samples are counted in ``loader.stats``.
-      shm_slots: shared-memory segments per worker (default ``prefetch_factor + 2``).
+      shm_slots: shared-memory segments per worker (default ``max(2, prefetch_factor)``).
     """
 
     def __init__(self, dataset, batch_size=1, shuffle=None, sampler=None, batch_sampler=None,

@@ -123,7 +123,9 @@ class WorkerIter(_ResumableIter):
         self._persistent_workers = loader.persistent_workers
         self._resume = self._begin_epoch(loader)
         self._id = shm.new_loader_id()
-        self._slots = loader.shm_slots or self._prefetch_factor + 2
+        # Fewer, hotter segments measured faster than more (benchmarks/RESULTS.md); a trainer
+        # that keeps more batches alive gets extra one-off segments instead of a deadlock.
+        self._slots = loader.shm_slots or max(2, self._prefetch_factor)
         self._segments: dict = {}
         self._released: deque = deque()
         self._shutdown = False
