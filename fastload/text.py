@@ -16,7 +16,7 @@ import torch
 
 from .decode import as_bytes, check_pixels, read_header
 from .tokenizer import load_tokenizer
-from .vision import Qwen2VLImageProcessor, VisionConfig
+from .vision import Qwen2VLImageProcessor, VisionConfig, num_image_tokens
 
 log = logging.getLogger("fastload.text")
 
@@ -33,7 +33,7 @@ class SampleError(ValueError):
 
 @dataclass
 class Turn:
-    """One chat message: ``prefix`` (``<|im_start|>role\\n``) and ``body`` (content + ``<|im_end|>\\n``)."""
+    """One chat message and how many ``<image>`` placeholders its content holds."""
 
     role: str
     content: str
@@ -128,9 +128,7 @@ class Qwen2VLTransform:
         for data in images:
             header = read_header(as_bytes(data))
             check_pixels(header, self.image_processor.max_image_pixels)
-            width, height = header.size
-            t, h, w = self.vision_config.grid(height, width)
-            counts.append(t * h * w // self.vision_config.merge_size ** 2)
+            counts.append(num_image_tokens(*header.size, self.vision_config))
         return counts
 
     def _turn_ids(self, turn: Turn, pad_counts) -> tuple[list[int], list[int]]:
