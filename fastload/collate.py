@@ -21,6 +21,8 @@ class Qwen2VLCollator:
     straight into shared memory; the trainer receives ordinary tensors.
     """
 
+    accepts_pending_pixels = True  # see fastload.loader.worker.pending_pixels_ok
+
     def __init__(self, pad_token_id: int | None = None, label_pad_token_id: int = IGNORE_INDEX,
                  pad_to_multiple_of: int | None = None):
         self.pad_values = {"input_ids": 0 if pad_token_id is None else pad_token_id,
@@ -42,9 +44,12 @@ class Qwen2VLCollator:
             for row, e in enumerate(examples):
                 out[row, : len(e[key])] = e[key]
             batch[key] = out
-        concat = Concat if in_worker() else torch.cat  # in a worker: straight into shared memory
         for key in _IMAGE_KEYS:
             parts = [e[key] for e in examples if key in e]
-            if parts:
-                batch[key] = concat(parts)
+            if not parts:
+                continue
+            if in_worker():  # written once, straight into the batch's shared memory
+                batch[key] = Concat(parts)
+            else:
+                batch[key] = torch.cat([p.tensor() if hasattr(p, "write_into") else p for p in parts])
         return batch

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .decode import as_bytes, check_pixels, read_header
+from .loader.worker import pending_pixels_ok
 from .tokenizer import load_tokenizer
 from .vision import Qwen2VLImageProcessor, VisionConfig, num_image_tokens
 
@@ -190,8 +191,9 @@ class Qwen2VLTransform:
             wires = [proc.resized(im) for im in images]
             return {"image_pixels": torch.from_numpy(np.concatenate([w.reshape(-1) for w, _ in wires])),
                     "image_grid_thw": torch.tensor([g for _, g in wires], dtype=torch.long)}
-        out = proc(images, return_tensors="pt")
-        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+        pending = proc.prepare(images)
+        pixel_values = pending if pending_pixels_ok() else pending.tensor()
+        return {"pixel_values": pixel_values, "image_grid_thw": pending.grid_thw}
 
     def __call__(self, sample: dict) -> dict | None:
         try:

@@ -209,22 +209,22 @@ class Qwen2VLImageProcessor:
         _kernels.process(rgb, out, self._lut, target[0], target[1], cfg.patch_size,
                          cfg.temporal_patch_size, cfg.merge_size)
 
-    def __call__(self, images, return_tensors: str | None = "pt", out: torch.Tensor | np.ndarray | None = None):
-        """``{"pixel_values", "image_grid_thw"}`` for one image or a list, as transformers returns them."""
+    def prepare(self, images) -> "PendingPatches":
+        """Decodes one image or a list and returns their patches still to be written: the
+        loader has the kernel write them straight into shared memory (see PendingPatches)."""
         if not isinstance(images, (list, tuple)):
             images = [images]
-        decoded = [self.rgb(im) for im in images]
-        grids = [self._grid(target) for _, target in decoded]
-        flat = self._output_buffer(out, sum(h * w for _, h, w in grids))
-        row = 0
-        for (rgb, target), (_, h, w) in zip(decoded, grids):
-            self.process_into(rgb, target, flat[row:row + h * w])
-            row += h * w
+        return PendingPatches(self, [self.rgb(im) for im in images])
+
+    def __call__(self, images, return_tensors: str | None = "pt", out: torch.Tensor | np.ndarray | None = None):
+        """``{"pixel_values", "image_grid_thw"}`` for one image or a list, as transformers returns them."""
+        pending = self.prepare(images)
+        flat = self._output_buffer(out, pending.shape[0])
+        pending.write_into(flat)
         pixel_values = self._wrap(flat, out, return_tensors)
-        grid_thw = np.array(grids, dtype=np.int64).reshape(-1, 3)
         if return_tensors == "pt":
-            return {"pixel_values": pixel_values, "image_grid_thw": torch.from_numpy(grid_thw)}
-        return {"pixel_values": pixel_values, "image_grid_thw": grid_thw}
+            return {"pixel_values": pixel_values, "image_grid_thw": pending.grid_thw}
+        return {"pixel_values": pixel_values, "image_grid_thw": pending.grid_thw.numpy()}
 
     def _output_buffer(self, out, rows: int) -> np.ndarray:
         shape = (rows, self.config.patch_dim)
@@ -247,6 +247,33 @@ class Qwen2VLImageProcessor:
         if self.dtype == torch.bfloat16:
             raise ValueError("bfloat16 output needs return_tensors='pt' (numpy has no bfloat16)")
         return flat
+
+
+class PendingPatches:
+    """Decoded images whose patches are not written yet, with the shape, dtype and byte size
+    they will have. ``write_into`` runs the kernel into any buffer of that shape — in a
+    fastload worker, the batch's shared-memory segment — so float32 patches (24 bytes per
+    pixel) are written once instead of being written, concatenated and copied."""
+
+    def __init__(self, processor: Qwen2VLImageProcessor, decoded: list[tuple[np.ndarray, tuple[int, int]]]):
+        self.processor, self.decoded = processor, decoded
+        grids = [processor._grid(target) for _, target in decoded]
+        self.grid_thw = torch.tensor(grids, dtype=torch.long).reshape(-1, 3)
+        self.shape = (sum(h * w for _, h, w in grids), processor.config.patch_dim)
+        self.dtype = processor.dtype
+        self.nbytes = self.shape[0] * self.shape[1] * processor._lut.itemsize
+
+    def write_into(self, out: torch.Tensor | np.ndarray) -> None:
+        flat = self.processor._output_buffer(out, self.shape[0])
+        row = 0
+        for (rgb, target), (_, h, w) in zip(self.decoded, self.grid_thw.tolist()):
+            self.processor.process_into(rgb, target, flat[row:row + h * w])
+            row += h * w
+
+    def tensor(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype)
+        self.write_into(out)
+        return out
 
 
 def expand_patches(pixels: torch.Tensor, image_grid_thw: torch.Tensor, config: VisionConfig | None = None,

@@ -506,3 +506,11 @@ def test_qwen_pipeline_end_to_end(tmp_path, processor_dir, mllm_demo):
     assert ours == sorted(e["input_ids"].tolist() for e in inline)
     total = torch.cat([b["pixel_values"] for b in batches])
     assert total.shape[0] == sum(e["pixel_values"].shape[0] for e in inline)
+    # one worker keeps the order: patches written by the kernel straight into shared memory
+    # equal the transform's own tensors, batch for batch
+    one = fastload.DataLoader(ShardDataset(urls, transform=transform), batch_size=2, num_workers=1,
+                              collate_fn=collate)
+    for batch, pair in zip(one, [inline[i:i + 2] for i in range(0, 6, 2)]):
+        expected = collate(pair)
+        for key in expected:
+            assert torch.equal(batch[key], expected[key]), key

@@ -79,7 +79,8 @@ def _aligned(n: int) -> int:
 
 
 class Concat:
-    """Tensors to be concatenated along dim 0, written straight into the segment.
+    """Tensors (or :class:`~fastload.vision.PendingPatches`) to be concatenated along dim 0,
+    written straight into the segment.
 
     A collate function running in a fastload worker returns this instead of ``torch.cat``:
     the trainer still receives one tensor, but the batch skips an intermediate copy (for
@@ -104,9 +105,14 @@ def _write(x, buf, offset: int) -> None:
             _write(part, buf, offset)
             offset += part.nbytes
         return
-    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
-    if t.nbytes:
-        _byte_view(buf, offset, t.nbytes).view(t.dtype).view(t.shape).copy_(t)
+    if not x.nbytes:
+        return
+    dst = _byte_view(buf, offset, x.nbytes).view(x.dtype if isinstance(x.dtype, torch.dtype) else torch.uint8)
+    if hasattr(x, "write_into"):  # vision.PendingPatches: the kernel writes here directly
+        x.write_into(dst.view(x.shape))
+        return
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x)).reshape(-1).view(torch.uint8)
+    dst.view(t.shape).copy_(t)
 
 
 def map_tree(obj, is_leaf, fn):

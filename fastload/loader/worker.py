@@ -112,6 +112,7 @@ def _keep_freed_memory() -> None:
 
 
 _in_worker = False
+_pending_ok = False
 
 
 def in_worker() -> bool:
@@ -119,9 +120,16 @@ def in_worker() -> bool:
     return _in_worker
 
 
+def pending_pixels_ok() -> bool:
+    """True in a worker whose collate_fn declares ``accepts_pending_pixels`` (Qwen2VLCollator):
+    transforms may then leave patches unwritten until they can go straight to shared memory."""
+    return _pending_ok
+
+
 def worker_loop(cfg: WorkerConfig, inbox, outbox) -> None:
-    global _in_worker
+    global _in_worker, _pending_ok
     _in_worker = True
+    _pending_ok = bool(getattr(cfg.collate_fn, "accepts_pending_pixels", False))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
     _keep_freed_memory()
     torch.set_num_threads(1)
