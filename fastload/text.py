@@ -2,7 +2,9 @@
 
 Token counts for images come from the image headers, so a sample's length is known
 before any pixel is decoded; only the images of the turns that survive truncation are
-decoded, straight into one preallocated ``pixel_values`` buffer.
+decoded. Inside a fastload worker feeding Qwen2VLCollator, ``pixel_values`` stays a
+:class:`~fastload.vision.PendingPatches` until the kernel can write it straight into the
+batch's shared memory; everywhere else it is an ordinary tensor.
 """
 from __future__ import annotations
 

@@ -147,7 +147,7 @@ def worker_loop(cfg: WorkerConfig, inbox, outbox) -> None:
     try:
         _serve(cfg, fetcher, init_error, inbox, outbox)
     except (BrokenPipeError, EOFError, ConnectionResetError):
-        pass  # the main process went away
+        return  # the main process went away; the finally clause cleans up
     finally:
         shm.unlink_matching(cfg.loader_id, cfg.worker_id)
 
