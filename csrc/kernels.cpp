@@ -201,20 +201,32 @@ Image packed(const uint8_t* data, Py_ssize_t height, Py_ssize_t width) {
   return Image{data, height, width};
 }
 
+// Which pass runs first. Pillow (>= 13) runs the vertical pass first when the height
+// shrinks by more than twice as many pixels as the width does; the two orders round
+// differently, so `pillow_order` follows that rule to stay bit-identical (checked against
+// Pillow in tests/test_vision.py). Otherwise (fast mode, already approximate) the
+// cheaper order wins: per tap, the horizontal pass costs about 3x the vectorized vertical one.
+bool vertical_first(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, bool pillow_order) {
+  if (out_h == src.height) return false;
+  if (pillow_order)
+    return out_h < src.height && (src.height - out_h) > 2 * (src.width - out_w);
+  if (out_w == src.width) return true;
+  const double kh = 4.0 * std::max(1.0, static_cast<double>(src.width) / out_w);
+  const double kv = 4.0 * std::max(1.0, static_cast<double>(src.height) / out_h);
+  const double h_first = 3 * kh * src.height * out_w + kv * out_h * out_w;
+  const double v_first = kv * out_h * src.width + 3 * kh * out_h * out_w;
+  return v_first < h_first;
+}
+
 // Streams the resized image band by band: `emit(rows, y0, y1)` receives packed uint8
-// output rows [y0, y1). Pillow (>= 13) runs the vertical pass first when the height
-// shrinks by more than twice as many pixels as the width does, otherwise the
-// horizontal pass; the two orders round differently, so we follow the same rule to
-// stay bit-identical (checked against Pillow in tests/test_vision.py).
+// output rows [y0, y1).
 template <typename Emit>
 void resize_bands(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, Py_ssize_t band,
-                  Emit emit) {
-  const bool resize_h = out_w != src.width, resize_v = out_h != src.height;
-  const bool vertical_first =
-      resize_v && out_h < src.height && (src.height - out_h) > 2 * (src.width - out_w);
+                  bool pillow_order, Emit emit) {
+  const bool resize_h = out_w != src.width;
   std::vector<uint8_t> chunk(static_cast<size_t>(band) * out_w * 3);
   std::vector<int32_t> acc(static_cast<size_t>(std::max(src.width, out_w)) * 3);
-  if (vertical_first) {
+  if (vertical_first(src, out_h, out_w, pillow_order)) {
     // Each band: vertical taps from the source, then the horizontal taps.
     Taps vtaps(static_cast<int>(src.height), static_cast<int>(out_h));
     Taps htaps(static_cast<int>(src.width), static_cast<int>(out_w));
@@ -237,7 +249,7 @@ void resize_bands(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, Py_ssize
                   src.height, wide.data());
     rows = wide.data();
   }
-  if (!resize_v) {
+  if (out_h == src.height) {
     for (Py_ssize_t y = 0; y < out_h; y += band)
       emit(rows + y * out_w * 3, y, y + band < out_h ? y + band : out_h);
     return;
@@ -320,7 +332,9 @@ bool check_size(const Py_buffer& v, Py_ssize_t expected, const char* what) {
 PyObject* py_resize(PyObject*, PyObject* args) {
   PyObject *src_obj, *dst_obj;
   Py_ssize_t out_h, out_w;
-  if (!PyArg_ParseTuple(args, "OOnn", &src_obj, &dst_obj, &out_h, &out_w)) return nullptr;
+  int pillow_order = 1;
+  if (!PyArg_ParseTuple(args, "OOnn|p", &src_obj, &dst_obj, &out_h, &out_w, &pillow_order))
+    return nullptr;
   Buffer src(src_obj, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT);
   if (!src.ok) return nullptr;
   Buffer dst(dst_obj, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS);
@@ -331,7 +345,8 @@ PyObject* py_resize(PyObject*, PyObject* args) {
     return nullptr;
   uint8_t* out = static_cast<uint8_t*>(dst.view.buf);
   Py_BEGIN_ALLOW_THREADS
-  resize_bands(img, out_h, out_w, out_h, [&](const uint8_t* rows, Py_ssize_t y0, Py_ssize_t y1) {
+  resize_bands(img, out_h, out_w, out_h, pillow_order,
+               [&](const uint8_t* rows, Py_ssize_t y0, Py_ssize_t y1) {
     std::memcpy(out + y0 * out_w * 3, rows, (y1 - y0) * out_w * 3);
   });
   Py_END_ALLOW_THREADS
@@ -340,21 +355,22 @@ PyObject* py_resize(PyObject*, PyObject* args) {
 
 template <typename T>
 void run_fused(const Image& img, Py_ssize_t out_h, Py_ssize_t out_w, const PatchLayout& L,
-               const T* lut, T* out) {
-  resize_bands(img, out_h, out_w, L.patch,
+               bool pillow_order, const T* lut, T* out) {
+  resize_bands(img, out_h, out_w, L.patch, pillow_order,
                [&](const uint8_t* rows, Py_ssize_t y0, Py_ssize_t) {
                  emit_patches(rows, y0 / L.patch, out_w, L, lut, out);
                });
 }
 
-// process(src, out, lut, out_h, out_w, patch, temporal, merge)
+// process(src, out, lut, out_h, out_w, patch, temporal, merge, pillow_order=True)
 // `lut` is float32 (3, 256) for float32 output or uint16 (3, 256) holding bfloat16
 // bits for bfloat16 output; `out` has the matching item size.
 PyObject* py_process(PyObject*, PyObject* args) {
   PyObject *src_obj, *out_obj, *lut_obj;
   Py_ssize_t out_h, out_w, patch, temporal, merge;
-  if (!PyArg_ParseTuple(args, "OOOnnnnn", &src_obj, &out_obj, &lut_obj, &out_h, &out_w, &patch,
-                        &temporal, &merge))
+  int pillow_order = 1;
+  if (!PyArg_ParseTuple(args, "OOOnnnnn|p", &src_obj, &out_obj, &lut_obj, &out_h, &out_w, &patch,
+                        &temporal, &merge, &pillow_order))
     return nullptr;
   const Py_ssize_t factor = patch * merge;
   if (patch < 1 || temporal < 1 || merge < 1 || out_h < factor || out_w < factor ||
@@ -378,10 +394,10 @@ PyObject* py_process(PyObject*, PyObject* args) {
     return nullptr;
   Py_BEGIN_ALLOW_THREADS
   if (item == 4)
-    run_fused(img, out_h, out_w, L, static_cast<const float*>(lut.view.buf),
+    run_fused(img, out_h, out_w, L, pillow_order, static_cast<const float*>(lut.view.buf),
               static_cast<float*>(out.view.buf));
   else
-    run_fused(img, out_h, out_w, L, static_cast<const uint16_t*>(lut.view.buf),
+    run_fused(img, out_h, out_w, L, pillow_order, static_cast<const uint16_t*>(lut.view.buf),
               static_cast<uint16_t*>(out.view.buf));
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
@@ -389,11 +405,12 @@ PyObject* py_process(PyObject*, PyObject* args) {
 
 PyMethodDef kMethods[] = {
     {"resize", py_resize, METH_VARARGS,
-     "resize(src, dst, out_h, out_w): Pillow-identical bicubic resize of a C-contiguous "
-     "uint8 (H, W, 3) image into a contiguous uint8 buffer."},
+     "resize(src, dst, out_h, out_w, pillow_order=True): bicubic resize of a C-contiguous "
+     "uint8 (H, W, 3) image into a contiguous uint8 buffer; Pillow-identical unless "
+     "pillow_order is False (then the cheaper pass order)."},
     {"process", py_process, METH_VARARGS,
-     "process(src, out, lut, out_h, out_w, patch, temporal, merge): fused resize, "
-     "normalize and Qwen2-VL patchify into `out`."},
+     "process(src, out, lut, out_h, out_w, patch, temporal, merge, pillow_order=True): fused "
+     "resize, normalize and Qwen2-VL patchify into `out`."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_kernels",

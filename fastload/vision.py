@@ -200,14 +200,15 @@ class Qwen2VLImageProcessor:
         """The uint8 wire format: the resized (h, w, 3) image and its grid (t, h, w)."""
         rgb, (th, tw) = self.rgb(image)
         out = np.empty((th, tw, 3), np.uint8)
-        _kernels.resize(rgb, out, th, tw)
+        _kernels.resize(rgb, out, th, tw, self.exact)
         return out, self._grid((th, tw))
 
     def process_into(self, rgb: np.ndarray, target: tuple[int, int], out: np.ndarray) -> None:
-        """Runs the fused kernel: decoded pixels -> patches of the ``target`` size, into ``out``."""
+        """Runs the fused kernel: decoded pixels -> patches of the ``target`` size, into ``out``.
+        ``exact`` resizes exactly as Pillow does; otherwise in the cheaper pass order."""
         cfg = self.config
         _kernels.process(rgb, out, self._lut, target[0], target[1], cfg.patch_size,
-                         cfg.temporal_patch_size, cfg.merge_size)
+                         cfg.temporal_patch_size, cfg.merge_size, self.exact)
 
     def prepare(self, images) -> "PendingPatches":
         """Decodes one image or a list and returns their patches still to be written: the
