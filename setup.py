@@ -6,7 +6,7 @@ setup(
         Extension(
             "fastload._kernels",
             sources=["csrc/kernels.cpp"],
-            extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno"],
+            extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno", "-ffp-contract=off"],
             language="c++",
         )
     ],

@@ -8,7 +8,7 @@
 // The resize is Pillow's separable two-pass algorithm with its fixed-point
 // coefficients, so the uint8 image it produces equals Pillow's exactly and the
 // float output equals transformers' PIL backend up to float rounding. Output is
-// written band by band (one band = patch_size output rows) straight into the
+// written band by band (whole rows of patches) straight into the
 // caller's buffer, which may live in shared memory. Plain CPython API over the
 // buffer protocol: no torch at build time, and the GIL is released while working.
 
@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -91,22 +92,15 @@ struct Image {
   const uint8_t* row(Py_ssize_t y) const { return data + y * width * 3; }
 };
 
-// Hot loops that the compiler vectorizes are also compiled for AVX2 and SSE4.1, picked at
-// load time by the CPU.
-#define FASTLOAD_CLONES __attribute__((target_clones("avx2", "sse4.1", "default")))
+// The AVX2 horizontal pass works on groups of this many rows; bands of rows (small enough
+// that their buffers stay in cache) are whole numbers of groups.
+constexpr int kRowGroup = 8;
 
-// One output pixel of the horizontal pass: `n` taps `k` over pixels from `p`.
-inline void tap_pixel(const uint8_t* p, const int32_t* k, int n, uint8_t* out) {
-  int32_t r = 1 << (kPrecisionBits - 1), g = r, b = r;
-  for (int i = 0; i < n; ++i) {
-    r += p[3 * i] * k[i];
-    g += p[3 * i + 1] * k[i];
-    b += p[3 * i + 2] * k[i];
-  }
-  out[0] = clip8(r);
-  out[1] = clip8(g);
-  out[2] = clip8(b);
-}
+// The AVX2 passes run when the CPU has AVX2 (every x86-64 server of the last decade);
+// `_kernels.simd(False)` selects the portable loops, which tests compare too.
+bool g_simd = __builtin_cpu_supports("avx2");
+
+// ---- portable passes --------------------------------------------------------
 
 // Horizontal pass over input rows [y0, y1) into a packed (y1 - y0, out_w, 3) buffer.
 void resample_rows_scalar(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
@@ -120,81 +114,219 @@ void resample_rows_scalar(const Image& src, const Taps& taps, Py_ssize_t y0, Py_
   for (Py_ssize_t y = y0; y < y1; ++y) {
     const uint8_t* in = src.row(y);
     uint8_t* out = dst + (y - y0) * out_w * 3;
-    for (Py_ssize_t x = 0; x < out_w; ++x)
-      tap_pixel(in + 3 * first[x], weights + x * taps.ksize, count[x], out + 3 * x);
+    for (Py_ssize_t x = 0; x < out_w; ++x) {
+      const uint8_t* p = in + 3 * first[x];
+      const int32_t* k = weights + x * taps.ksize;
+      int32_t r = 1 << (kPrecisionBits - 1), g = r, b = r;
+      for (int i = 0; i < count[x]; ++i) {
+        r += p[3 * i] * k[i];
+        g += p[3 * i + 1] * k[i];
+        b += p[3 * i + 2] * k[i];
+      }
+      out[3 * x] = clip8(r);
+      out[3 * x + 1] = clip8(g);
+      out[3 * x + 2] = clip8(b);
+    }
   }
 }
 
-// The same with SSE4.1, two output pixels per step: each 128-bit accumulator holds one
-// pixel's R, G, B (and an ignored fourth lane, filled by 4-byte loads), the taps run to
-// the zero-padded kernel size, and the results are clipped with saturating packs
-// (equal to clip8). Pixels whose loads could leave the image fall back to the scalar loop.
-__attribute__((target("sse4.1")))
-void resample_rows_sse41(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
-                         uint8_t* __restrict dst) {
-  const Py_ssize_t out_w = static_cast<Py_ssize_t>(taps.first.size());
-  const int* const first = taps.first.data();
-  const int* const count = taps.count.data();
-  const int32_t* const weights = taps.weights.data();
-  const int ksize = taps.ksize;
-  const __m128i half = _mm_set1_epi32(1 << (kPrecisionBits - 1));
-  Py_ssize_t safe_w = out_w;  // all ksize taps of pixels below this stay inside a row
-  while (safe_w > 0 && first[safe_w - 1] + ksize >= src.width) --safe_w;
+// Vertical pass for output rows [y0, y1) into a packed (y1 - y0, width, 3) buffer: each
+// output row accumulates whole input rows, one tap at a time.
+void resample_cols_scalar(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
+                          uint8_t* __restrict dst) {
+  const Py_ssize_t n = src.width * 3;
+  std::vector<int32_t> acc(n);
   for (Py_ssize_t y = y0; y < y1; ++y) {
-    const uint8_t* in = src.row(y);
-    uint8_t* out = dst + (y - y0) * out_w * 3;
-    Py_ssize_t x = 0;
-    for (; x + 1 < safe_w; x += 2) {
-      const uint8_t* pa = in + 3 * first[x];
-      const uint8_t* pb = in + 3 * first[x + 1];
-      const int32_t* ka = weights + x * ksize;
-      const int32_t* kb = ka + ksize;
-      __m128i a = half, b = half;
-      for (int i = 0; i < ksize; ++i) {
-        int32_t va, vb;
-        std::memcpy(&va, pa + 3 * i, 4);
-        std::memcpy(&vb, pb + 3 * i, 4);
-        a = _mm_add_epi32(a, _mm_mullo_epi32(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(va)), _mm_set1_epi32(ka[i])));
-        b = _mm_add_epi32(b, _mm_mullo_epi32(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(vb)), _mm_set1_epi32(kb[i])));
-      }
-      const __m128i words = _mm_packs_epi32(_mm_srai_epi32(a, kPrecisionBits), _mm_srai_epi32(b, kPrecisionBits));
-      const __m128i bytes = _mm_packus_epi16(words, words);  // r g b _ r g b _
-      const int32_t lo = _mm_cvtsi128_si32(bytes), hi = _mm_extract_epi32(bytes, 1);
-      std::memcpy(out + 3 * x, &lo, 3);
-      std::memcpy(out + 3 * x + 3, &hi, 3);
+    const int32_t* k = &taps.weights[static_cast<size_t>(y) * taps.ksize];
+    std::fill(acc.begin(), acc.end(), 1 << (kPrecisionBits - 1));
+    for (int i = 0; i < taps.count[y]; ++i) {
+      const uint8_t* p = src.row(taps.first[y] + i);
+      for (Py_ssize_t x = 0; x < n; ++x) acc[x] += p[x] * k[i];
     }
-    for (; x < out_w; ++x)
-      tap_pixel(in + 3 * first[x], weights + x * ksize, count[x], out + 3 * x);
+    uint8_t* out = dst + (y - y0) * n;
+    for (Py_ssize_t x = 0; x < n; ++x) out[x] = clip8(acc[x]);
+  }
+}
+
+// ---- AVX2 passes --------------------------------------------------------------
+// Both keep Pillow's arithmetic exactly (32-bit products and sums, the same rounding and
+// clipping), only more values per instruction; integer sums do not depend on order.
+
+// Shifts, clips and packs four vectors of 8 sums into 32 bytes, in order.
+__attribute__((target("avx2"))) inline __m256i pack_sums(__m256i a, __m256i b, __m256i c,
+                                                          __m256i d) {
+  const __m256i ab = _mm256_packs_epi32(_mm256_srai_epi32(a, kPrecisionBits),
+                                        _mm256_srai_epi32(b, kPrecisionBits));
+  const __m256i cd = _mm256_packs_epi32(_mm256_srai_epi32(c, kPrecisionBits),
+                                        _mm256_srai_epi32(d, kPrecisionBits));
+  // The packs work per 128-bit lane; the dword permute puts the 4-byte groups back in order.
+  return _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd),
+                                     _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+__attribute__((target("avx2"))) inline __m256i widen8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Vertical pass, 32 channel values at a time with the sums kept in registers.
+__attribute__((target("avx2")))
+void resample_cols_avx2(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
+                        uint8_t* __restrict dst) {
+  const Py_ssize_t n = src.width * 3;
+  const __m256i half = _mm256_set1_epi32(1 << (kPrecisionBits - 1));
+  for (Py_ssize_t y = y0; y < y1; ++y) {
+    const int32_t* k = &taps.weights[static_cast<size_t>(y) * taps.ksize];
+    const uint8_t* top = src.row(taps.first[y]);
+    const int count = taps.count[y];
+    uint8_t* out = dst + (y - y0) * n;
+    Py_ssize_t x = 0;
+    for (; x + 32 <= n; x += 32) {
+      __m256i a = half, b = half, c = half, d = half;
+      for (int i = 0; i < count; ++i) {
+        const uint8_t* p = top + i * n + x;
+        const __m256i w = _mm256_set1_epi32(k[i]);
+        a = _mm256_add_epi32(a, _mm256_mullo_epi32(widen8(p), w));
+        b = _mm256_add_epi32(b, _mm256_mullo_epi32(widen8(p + 8), w));
+        c = _mm256_add_epi32(c, _mm256_mullo_epi32(widen8(p + 16), w));
+        d = _mm256_add_epi32(d, _mm256_mullo_epi32(widen8(p + 24), w));
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + x), pack_sums(a, b, c, d));
+    }
+    for (; x < n; ++x) {
+      int32_t acc = 1 << (kPrecisionBits - 1);
+      for (int i = 0; i < count; ++i) acc += top[i * n + x] * k[i];
+      out[x] = clip8(acc);
+    }
+  }
+}
+
+// Horizontal pass, eight rows at a time. The rows are first interleaved column by column
+// (for each input pixel x, the R, G, B of rows 0..7: 24 bytes), so that one tap is one
+// weight times 24 contiguous bytes: three 8-lane multiply-adds where a pixel-at-a-time loop
+// does one 3-lane one. Each output column's 24 bytes are then scattered back to the rows.
+// A last group of fewer than eight rows repeats its last row and writes only the real ones.
+//
+// The interleaving is a transpose, done four pixels at a time in registers: each 256-bit
+// register holds row k in its low half and row k + 4 in its high half, pixels widened to
+// 4 bytes so that a 4x4 dword transpose per half swaps rows and pixels.
+constexpr int kRows = kRowGroup, kColumn = 3 * kRows;
+
+__attribute__((target("avx2"))) inline __m256i load_halves(const uint8_t* lo, const uint8_t* hi) {
+  return _mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(hi)), 1);
+}
+
+// RGB RGB RGB RGB -> RGB0 RGB0 RGB0 RGB0 in each half, and back (the last 4 bytes then 0).
+__attribute__((target("avx2"))) inline __m256i widen_rgb(__m256i v) {
+  const __m128i m = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+  return _mm256_shuffle_epi8(v, _mm256_broadcastsi128_si256(m));
+}
+__attribute__((target("avx2"))) inline __m256i narrow_rgb(__m256i v) {
+  const __m128i m = _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
+  return _mm256_shuffle_epi8(v, _mm256_broadcastsi128_si256(m));
+}
+
+__attribute__((target("avx2"))) inline void transpose4(__m256i* v) {
+  const __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+  const __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]), t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+  v[0] = _mm256_unpacklo_epi64(t0, t2);
+  v[1] = _mm256_unpackhi_epi64(t0, t2);
+  v[2] = _mm256_unpacklo_epi64(t1, t3);
+  v[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+// Rows -> columns. 16-byte stores; each one's last 4 bytes are overwritten by the next.
+__attribute__((target("avx2")))
+void interleave_rows(const uint8_t* const* in, Py_ssize_t width, uint8_t* cols) {
+  Py_ssize_t x = 0;
+  for (; x + 6 <= width; x += 4) {  // 16-byte loads stay inside the rows
+    __m256i v[4];
+    for (int k = 0; k < 4; ++k) v[k] = widen_rgb(load_halves(in[k] + 3 * x, in[k + 4] + 3 * x));
+    transpose4(v);
+    for (int j = 0; j < 4; ++j) {
+      uint8_t* col = cols + (x + j) * kColumn;
+      const __m256i n = narrow_rgb(v[j]);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(col), _mm256_castsi256_si128(n));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(col + 12), _mm256_extracti128_si256(n, 1));
+    }
+  }
+  for (; x < width; ++x)
+    for (int r = 0; r < kRows; ++r) std::memcpy(cols + x * kColumn + 3 * r, in[r] + 3 * x, 3);
+}
+
+// Columns -> the first `rows` rows (reads up to 4 bytes past the last column).
+__attribute__((target("avx2")))
+void scatter_columns(const uint8_t* cols, Py_ssize_t width, int rows, uint8_t* const* out) {
+  Py_ssize_t x = 0;
+  for (; x + 6 <= width; x += 4) {  // 16-byte stores stay inside the rows
+    __m256i v[4];
+    for (int j = 0; j < 4; ++j) {
+      const uint8_t* col = cols + (x + j) * kColumn;
+      v[j] = widen_rgb(load_halves(col, col + 12));
+    }
+    transpose4(v);
+    for (int k = 0; k < 4; ++k) {
+      const __m256i n = narrow_rgb(v[k]);
+      if (k < rows) _mm_storeu_si128(reinterpret_cast<__m128i*>(out[k] + 3 * x), _mm256_castsi256_si128(n));
+      if (k + 4 < rows)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out[k + 4] + 3 * x), _mm256_extracti128_si256(n, 1));
+    }
+  }
+  for (; x < width; ++x)
+    for (int r = 0; r < rows; ++r) std::memcpy(out[r] + 3 * x, cols + x * kColumn + 3 * r, 3);
+}
+
+__attribute__((target("avx2")))
+void resample_rows_avx2(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
+                        uint8_t* __restrict dst) {
+  const Py_ssize_t in_w = src.width, out_w = static_cast<Py_ssize_t>(taps.first.size());
+  const int ksize = taps.ksize;
+  const int* const first = taps.first.data();
+  const int32_t* const weights = taps.weights.data();
+  // Zero-padded by ksize columns: taps past a row's end have weight 0 and read zeros.
+  std::vector<uint8_t> cols(static_cast<size_t>(in_w + ksize) * kColumn, 0);
+  std::vector<uint8_t> done(static_cast<size_t>(out_w) * kColumn + 8);
+  const __m256i half = _mm256_set1_epi32(1 << (kPrecisionBits - 1));
+  for (Py_ssize_t y = y0; y < y1; y += kRows) {
+    const int rows = static_cast<int>(std::min<Py_ssize_t>(kRows, y1 - y));
+    const uint8_t* in[kRows];
+    uint8_t* out[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      in[r] = src.row(y + std::min(r, rows - 1));
+      out[r] = dst + (y - y0 + r) * out_w * 3;
+    }
+    interleave_rows(in, in_w, cols.data());
+    for (Py_ssize_t x = 0; x < out_w; ++x) {
+      const uint8_t* p = &cols[static_cast<size_t>(first[x]) * kColumn];
+      const int32_t* k = weights + x * ksize;
+      __m256i a = half, b = half, c = half;
+      for (int i = 0; i < ksize; ++i, p += kColumn) {
+        const __m256i w = _mm256_set1_epi32(k[i]);
+        a = _mm256_add_epi32(a, _mm256_mullo_epi32(widen8(p), w));
+        b = _mm256_add_epi32(b, _mm256_mullo_epi32(widen8(p + 8), w));
+        c = _mm256_add_epi32(c, _mm256_mullo_epi32(widen8(p + 16), w));
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&done[x * kColumn]), pack_sums(a, b, c, c));
+    }
+    scatter_columns(done.data(), out_w, rows, out);
   }
 }
 
 void resample_rows(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
                    uint8_t* dst) {
-  static const bool sse41 = __builtin_cpu_supports("sse4.1");
-  if (sse41)
-    resample_rows_sse41(src, taps, y0, y1, dst);
+  if (g_simd)
+    resample_rows_avx2(src, taps, y0, y1, dst);
   else
     resample_rows_scalar(src, taps, y0, y1, dst);
 }
 
-// Vertical pass for output rows [y0, y1) into a packed (y1 - y0, width, 3) buffer. Each
-// output row accumulates whole input rows (one tap at a time) in `acc`, a loop the
-// compiler vectorizes; integer sums are exact, so the order does not change the result.
-FASTLOAD_CLONES
 void resample_cols(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
-                   uint8_t* dst, int32_t* acc) {
-  const Py_ssize_t n = src.width * 3;
-  for (Py_ssize_t y = y0; y < y1; ++y) {
-    const int32_t* k = &taps.weights[static_cast<size_t>(y) * taps.ksize];
-    for (Py_ssize_t x = 0; x < n; ++x) acc[x] = 1 << (kPrecisionBits - 1);
-    for (int i = 0; i < taps.count[y]; ++i) {
-      const uint8_t* p = src.row(taps.first[y] + i);
-      const int32_t w = k[i];
-      for (Py_ssize_t x = 0; x < n; ++x) acc[x] += p[x] * w;
-    }
-    uint8_t* out = dst + (y - y0) * n;
-    for (Py_ssize_t x = 0; x < n; ++x) out[x] = clip8(acc[x]);
-  }
+                   uint8_t* dst) {
+  if (g_simd)
+    resample_cols_avx2(src, taps, y0, y1, dst);
+  else
+    resample_cols_scalar(src, taps, y0, y1, dst);
 }
 
 Image packed(const uint8_t* data, Py_ssize_t height, Py_ssize_t width) {
@@ -225,7 +357,6 @@ void resize_bands(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, Py_ssize
                   bool pillow_order, Emit emit) {
   const bool resize_h = out_w != src.width;
   std::vector<uint8_t> chunk(static_cast<size_t>(band) * out_w * 3);
-  std::vector<int32_t> acc(static_cast<size_t>(std::max(src.width, out_w)) * 3);
   if (vertical_first(src, out_h, out_w, pillow_order)) {
     // Each band: vertical taps from the source, then the horizontal taps.
     Taps vtaps(static_cast<int>(src.height), static_cast<int>(out_h));
@@ -233,7 +364,7 @@ void resize_bands(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, Py_ssize
     std::vector<uint8_t> tall(static_cast<size_t>(band) * src.width * 3);
     for (Py_ssize_t y = 0; y < out_h; y += band) {
       const Py_ssize_t y1 = y + band < out_h ? y + band : out_h;
-      resample_cols(src, vtaps, y, y1, tall.data(), acc.data());
+      resample_cols(src, vtaps, y, y1, tall.data());
       if (resize_h)
         resample_rows(packed(tall.data(), y1 - y, src.width), htaps, 0, y1 - y, chunk.data());
       emit(resize_h ? chunk.data() : tall.data(), y, y1);
@@ -258,7 +389,7 @@ void resize_bands(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, Py_ssize
   Taps vtaps(static_cast<int>(src.height), static_cast<int>(out_h));
   for (Py_ssize_t y = 0; y < out_h; y += band) {
     const Py_ssize_t y1 = y + band < out_h ? y + band : out_h;
-    resample_cols(mid, vtaps, y, y1, chunk.data(), acc.data());
+    resample_cols(mid, vtaps, y, y1, chunk.data());
     emit(chunk.data(), y, y1);
   }
 }
@@ -274,27 +405,198 @@ struct PatchLayout {
   }
 };
 
-// Writes one band of packed uint8 rows (the patch_size rows of patch-row `gh`) into the
-// patch layout through the per-channel lookup table `lut` (3 x 256 values of type T).
-// Patches are written whole, one after another, so the output is filled sequentially.
-template <typename T>
-void emit_patches(const uint8_t* rows, Py_ssize_t gh, Py_ssize_t width, const PatchLayout& L,
-                  const T* lut, T* out) {
-  const Py_ssize_t P = L.patch, pp = P * P, row_bytes = width * 3;
-  for (Py_ssize_t gw = 0; gw < L.grid_w; ++gw) {
-    T* patch = out + L.patch_row(gh, gw) * L.row_len();
-    const uint8_t* corner = rows + gw * P * 3;
-    for (Py_ssize_t c = 0; c < 3; ++c) {
-      const T* table = lut + c * 256;
-      T* dst = patch + c * L.temporal * pp;
-      for (Py_ssize_t py = 0; py < P; ++py) {
-        const uint8_t* px = corner + py * row_bytes + c;
-        for (Py_ssize_t x = 0; x < P; ++x) dst[py * P + x] = table[px[3 * x]];
-      }
-      for (Py_ssize_t t = 1; t < L.temporal; ++t) std::memcpy(dst + t * pp, dst, pp * sizeof(T));
-    }
+// ---- patch emission -----------------------------------------------------------
+
+// Splits `n` packed RGB pixels into R, G and B byte planes.
+void split_channels_scalar(const uint8_t* rgb, Py_ssize_t n, uint8_t* r, uint8_t* g, uint8_t* b) {
+  for (Py_ssize_t x = 0; x < n; ++x) {
+    r[x] = rgb[3 * x];
+    g[x] = rgb[3 * x + 1];
+    b[x] = rgb[3 * x + 2];
   }
 }
+
+// Sixteen pixels at a time: each plane gathers its bytes from the three 16-byte chunks
+// with one byte shuffle per chunk.
+__attribute__((target("avx2")))
+void split_channels_avx2(const uint8_t* rgb, Py_ssize_t n, uint8_t* r, uint8_t* g, uint8_t* b) {
+  __m128i mask[3][3];  // [channel][chunk]
+  for (int c = 0; c < 3; ++c)
+    for (int k = 0; k < 3; ++k) {
+      alignas(16) int8_t m[16];
+      for (int j = 0; j < 16; ++j) {
+        const int at = 3 * j + c - 16 * k;
+        m[j] = at >= 0 && at < 16 ? static_cast<int8_t>(at) : -1;
+      }
+      mask[c][k] = _mm_load_si128(reinterpret_cast<const __m128i*>(m));
+    }
+  uint8_t* const planes[3] = {r, g, b};
+  Py_ssize_t x = 0;
+  for (; x + 16 <= n; x += 16) {
+    const __m128i* p = reinterpret_cast<const __m128i*>(rgb + 3 * x);
+    const __m128i a = _mm_loadu_si128(p), b16 = _mm_loadu_si128(p + 1), c16 = _mm_loadu_si128(p + 2);
+    for (int c = 0; c < 3; ++c) {
+      const __m128i v = _mm_or_si128(
+          _mm_or_si128(_mm_shuffle_epi8(a, mask[c][0]), _mm_shuffle_epi8(b16, mask[c][1])),
+          _mm_shuffle_epi8(c16, mask[c][2]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(planes[c] + x), v);
+    }
+  }
+  split_channels_scalar(rgb + 3 * x, n - x, r + x, g + x, b + x);
+}
+
+void split_channels(const uint8_t* rgb, Py_ssize_t n, uint8_t* r, uint8_t* g, uint8_t* b) {
+  if (g_simd)
+    split_channels_avx2(rgb, n, r, g, b);
+  else
+    split_channels_scalar(rgb, n, r, g, b);
+}
+
+// transformers' normalization of one channel: x = float32(v * rescale), the product in
+// double, then (x - mean) / std in float32. The lookup table the Python side passes holds
+// exactly these values; computing them with the same IEEE operations in vectors (eight per
+// instruction, no table) is what lets the output be written at close to memory speed.
+struct Normalize {
+  double rescale[3];
+  float mean[3], std[3];
+};
+
+// One patch from its bytes `idx` (3, P * P): each channel's P * P values through `lut`
+// (3 x 256), written `temporal` times.
+template <typename T>
+void lookup_patch(const uint8_t* idx, Py_ssize_t pp, Py_ssize_t temporal, const T* lut, T* dst) {
+  for (Py_ssize_t c = 0; c < 3; ++c) {
+    T* plane = dst + c * temporal * pp;
+    for (Py_ssize_t j = 0; j < pp; ++j) plane[j] = lut[256 * c + idx[c * pp + j]];
+    for (Py_ssize_t t = 1; t < temporal; ++t) std::memcpy(plane + t * pp, plane, pp * sizeof(T));
+  }
+}
+
+__attribute__((target("avx2"))) inline __m256 normalize8(__m256i v, __m256d rescale, __m256 mean,
+                                                          __m256 std) {
+  const __m256d lo = _mm256_cvtepi32_pd(_mm256_castsi256_si128(v));
+  const __m256d hi = _mm256_cvtepi32_pd(_mm256_extracti128_si256(v, 1));
+  const __m256 x = _mm256_set_m128(_mm256_cvtpd_ps(_mm256_mul_pd(hi, rescale)),
+                                   _mm256_cvtpd_ps(_mm256_mul_pd(lo, rescale)));
+  return _mm256_div_ps(_mm256_sub_ps(x, mean), std);
+}
+
+// Stores sixteen values: as float32, or rounded to bfloat16.
+__attribute__((target("avx2"))) inline void store16(float* dst, __m256 a, __m256 b) {
+  _mm256_storeu_ps(dst, a);
+  _mm256_storeu_ps(dst + 8, b);
+}
+__attribute__((target("avx2"))) inline __m256i bfloat16_bits(__m256 v) {
+  // Round to nearest even on the bits (the values are finite), as torch does.
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+}
+__attribute__((target("avx2"))) inline void store16(uint16_t* dst, __m256 a, __m256 b) {
+  // The values fit 16 bits, so the saturating pack only narrows; it interleaves the
+  // 128-bit halves, which the permute puts back in order.
+  const __m256i packed = _mm256_packus_epi32(bfloat16_bits(a), bfloat16_bits(b));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute4x64_epi64(packed, 0xD8));
+}
+
+// Eight bytes from `idx`, normalized.
+__attribute__((target("avx2"))) inline __m256 load_normalized(const uint8_t* idx, __m256d rescale,
+                                                               __m256 mean, __m256 std) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(idx)));
+  return normalize8(v, rescale, mean, std);
+}
+
+// The same as lookup_patch, the values computed in vectors sixteen at a time (pp >= 16).
+template <typename T>
+__attribute__((target("avx2")))
+void normalize_patch(const uint8_t* idx, Py_ssize_t pp, Py_ssize_t temporal, const Normalize& norm,
+                     T* dst) {
+  for (int c = 0; c < 3; ++c) {
+    const __m256d rescale = _mm256_set1_pd(norm.rescale[c]);
+    const __m256 mean = _mm256_set1_ps(norm.mean[c]), std = _mm256_set1_ps(norm.std[c]);
+    const uint8_t* in = idx + c * pp;
+    T* plane = dst + c * temporal * pp;
+    for (Py_ssize_t j = 0; j < pp; j += 16) {
+      const Py_ssize_t at = std::min(j, pp - 16);  // the last step may redo a few values
+      store16(plane + at, load_normalized(in + at, rescale, mean, std),
+              load_normalized(in + at + 8, rescale, mean, std));
+    }
+    for (Py_ssize_t t = 1; t < temporal; ++t) std::memcpy(plane + t * pp, plane, pp * sizeof(T));
+  }
+}
+
+// Whether normalize_patch reproduces `lut` bit for bit; only then does it replace the lookups.
+template <typename T>
+bool normalize_matches(const Normalize& norm, const T* lut) {
+  uint8_t idx[3 * 256];
+  T values[3 * 256];
+  for (int i = 0; i < 3 * 256; ++i) idx[i] = static_cast<uint8_t>(i);
+  normalize_patch(idx, 256, 1, norm, values);
+  return std::memcmp(values, lut, sizeof values) == 0;
+}
+
+// Small copies without a library call (`n`, the patch size, is only known at run time).
+inline void copy_small(uint8_t* dst, const uint8_t* src, Py_ssize_t n) {
+  if (n < 8) {
+    for (Py_ssize_t i = 0; i < n; ++i) dst[i] = src[i];
+    return;
+  }
+  for (Py_ssize_t i = 0; i + 8 < n; i += 8) std::memcpy(dst + i, src + i, 8);
+  std::memcpy(dst + n - 8, src + n - 8, 8);  // overlaps the last full copy
+}
+
+// Writes the patches of one block row (merge rows of patches, which the layout stores
+// contiguously) into the output. The pixels are rearranged as bytes first (split into
+// channel planes, then copied into output order), so that the values are then written
+// in one sequential stream, eight per store with AVX2.
+template <typename T>
+class PatchWriter {
+ public:
+  // `lut` is (3, 256) values of type T, the values of `norm`; `out` the whole output.
+  PatchWriter(const PatchLayout& L, Py_ssize_t width, const T* lut, const Normalize& norm, T* out)
+      : L_(L), width_(width), lut_(lut), norm_(norm), out_(out),
+        planes_(static_cast<size_t>(3 * L.merge * L.patch) * width),
+        patches_(static_cast<size_t>(L.grid_w * L.merge) * 3 * L.patch * L.patch) {
+    simd_ = g_simd && L.patch * L.patch >= 16 && normalize_matches(norm, lut);
+  }
+
+  // `rows`: the merge * patch_size packed RGB rows from patch row `gh` (a multiple of merge).
+  void write(const uint8_t* rows, Py_ssize_t gh) {
+    const Py_ssize_t P = L_.patch, m = L_.merge, pp = P * P;
+    const Py_ssize_t plane = m * P * width_, count = L_.grid_w * m;
+    for (Py_ssize_t y = 0; y < m * P; ++y) {
+      uint8_t* r = &planes_[y * width_];
+      split_channels(rows + y * width_ * 3, width_, r, r + plane, r + 2 * plane);
+    }
+    // Patch q of the block row is at (gh + q / m % m, q / (m * m) * m + q % m); each gets its
+    // bytes in output order (channel, row, column).
+    uint8_t* idx = patches_.data();
+    for (Py_ssize_t q = 0; q < count; ++q) {
+      const Py_ssize_t y0 = (q / m % m) * P, x0 = (q / (m * m) * m + q % m) * P;
+      for (Py_ssize_t c = 0; c < 3; ++c)
+        for (Py_ssize_t py = 0; py < P; ++py, idx += P)
+          copy_small(idx, &planes_[c * plane + (y0 + py) * width_ + x0], P);
+    }
+    T* dst = out_ + L_.patch_row(gh, 0) * L_.row_len();
+    for (Py_ssize_t q = 0; q < count; ++q) {
+      const uint8_t* bytes = &patches_[q * 3 * pp];
+      if (simd_)
+        normalize_patch(bytes, pp, L_.temporal, norm_, dst + q * L_.row_len());
+      else
+        lookup_patch(bytes, pp, L_.temporal, lut_, dst + q * L_.row_len());
+    }
+  }
+
+ private:
+  PatchLayout L_;
+  Py_ssize_t width_;
+  const T* lut_;
+  Normalize norm_;
+  T* out_;
+  bool simd_;
+  std::vector<uint8_t> planes_;   // (3, merge * P, width)
+  std::vector<uint8_t> patches_;  // (grid_w * merge, 3, P, P)
+};
 
 // ---- Python glue -----------------------------------------------------------
 
@@ -345,7 +647,7 @@ PyObject* py_resize(PyObject*, PyObject* args) {
     return nullptr;
   uint8_t* out = static_cast<uint8_t*>(dst.view.buf);
   Py_BEGIN_ALLOW_THREADS
-  resize_bands(img, out_h, out_w, out_h, pillow_order,
+  resize_bands(img, out_h, out_w, 4 * kRowGroup, pillow_order,
                [&](const uint8_t* rows, Py_ssize_t y0, Py_ssize_t y1) {
     std::memcpy(out + y0 * out_w * 3, rows, (y1 - y0) * out_w * 3);
   });
@@ -355,22 +657,28 @@ PyObject* py_resize(PyObject*, PyObject* args) {
 
 template <typename T>
 void run_fused(const Image& img, Py_ssize_t out_h, Py_ssize_t out_w, const PatchLayout& L,
-               bool pillow_order, const T* lut, T* out) {
-  resize_bands(img, out_h, out_w, L.patch, pillow_order,
-               [&](const uint8_t* rows, Py_ssize_t y0, Py_ssize_t) {
-                 emit_patches(rows, y0 / L.patch, out_w, L, lut, out);
+               bool pillow_order, const T* lut, const Normalize& norm, T* out) {
+  // Whole block rows per band, and a multiple of the horizontal pass's row group.
+  const Py_ssize_t block = L.patch * L.merge;
+  const Py_ssize_t band = block * kRowGroup / std::gcd<Py_ssize_t>(block, kRowGroup);
+  PatchWriter<T> writer(L, out_w, lut, norm, out);
+  resize_bands(img, out_h, out_w, band, pillow_order,
+               [&](const uint8_t* rows, Py_ssize_t y0, Py_ssize_t y1) {
+                 for (Py_ssize_t y = y0; y < y1; y += block)
+                   writer.write(rows + (y - y0) * out_w * 3, y / L.patch);
                });
 }
 
-// process(src, out, lut, out_h, out_w, patch, temporal, merge, pillow_order=True)
+// process(src, out, lut, norm, out_h, out_w, patch, temporal, merge, pillow_order=True)
 // `lut` is float32 (3, 256) for float32 output or uint16 (3, 256) holding bfloat16
-// bits for bfloat16 output; `out` has the matching item size.
+// bits for bfloat16 output; `out` has the matching item size. `norm` is float64 (3, 3):
+// per channel the rescale factor, mean and std whose arithmetic `lut` tabulates.
 PyObject* py_process(PyObject*, PyObject* args) {
-  PyObject *src_obj, *out_obj, *lut_obj;
+  PyObject *src_obj, *out_obj, *lut_obj, *norm_obj;
   Py_ssize_t out_h, out_w, patch, temporal, merge;
   int pillow_order = 1;
-  if (!PyArg_ParseTuple(args, "OOOnnnnn|p", &src_obj, &out_obj, &lut_obj, &out_h, &out_w, &patch,
-                        &temporal, &merge, &pillow_order))
+  if (!PyArg_ParseTuple(args, "OOOOnnnnn|p", &src_obj, &out_obj, &lut_obj, &norm_obj, &out_h,
+                        &out_w, &patch, &temporal, &merge, &pillow_order))
     return nullptr;
   const Py_ssize_t factor = patch * merge;
   if (patch < 1 || temporal < 1 || merge < 1 || out_h < factor || out_w < factor ||
@@ -384,6 +692,15 @@ PyObject* py_process(PyObject*, PyObject* args) {
   if (!out.ok) return nullptr;
   Buffer lut(lut_obj, PyBUF_C_CONTIGUOUS);
   if (!lut.ok) return nullptr;
+  Buffer norm_buf(norm_obj, PyBUF_C_CONTIGUOUS);
+  if (!norm_buf.ok || !check_size(norm_buf.view, 9 * sizeof(double), "norm")) return nullptr;
+  const double* n = static_cast<const double*>(norm_buf.view.buf);
+  Normalize norm;
+  for (int c = 0; c < 3; ++c) {
+    norm.rescale[c] = n[3 * c];
+    norm.mean[c] = static_cast<float>(n[3 * c + 1]);
+    norm.std[c] = static_cast<float>(n[3 * c + 2]);
+  }
   Image img;
   if (!image_from_buffer(src.view, &img)) return nullptr;
   const Py_ssize_t item = lut.view.len / (3 * 256);
@@ -394,22 +711,38 @@ PyObject* py_process(PyObject*, PyObject* args) {
     return nullptr;
   Py_BEGIN_ALLOW_THREADS
   if (item == 4)
-    run_fused(img, out_h, out_w, L, pillow_order, static_cast<const float*>(lut.view.buf),
+    run_fused(img, out_h, out_w, L, pillow_order, static_cast<const float*>(lut.view.buf), norm,
               static_cast<float*>(out.view.buf));
   else
     run_fused(img, out_h, out_w, L, pillow_order, static_cast<const uint16_t*>(lut.view.buf),
-              static_cast<uint16_t*>(out.view.buf));
+              norm, static_cast<uint16_t*>(out.view.buf));
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
 
+// simd(enabled=None) -> bool: whether the AVX2 passes run; with an argument, asks for them
+// (granted only where the CPU has AVX2) or for the portable loops. For tests and benchmarks.
+PyObject* py_simd(PyObject*, PyObject* args) {
+  PyObject* enabled = Py_None;
+  if (!PyArg_ParseTuple(args, "|O", &enabled)) return nullptr;
+  if (enabled != Py_None) {
+    const int want = PyObject_IsTrue(enabled);
+    if (want < 0) return nullptr;
+    g_simd = want && __builtin_cpu_supports("avx2");
+  }
+  return PyBool_FromLong(g_simd);
+}
+
 PyMethodDef kMethods[] = {
+    {"simd", py_simd, METH_VARARGS,
+     "simd(enabled=None) -> bool: whether the AVX2 resize passes are used; pass False for the "
+     "portable loops (True is granted only on CPUs with AVX2)."},
     {"resize", py_resize, METH_VARARGS,
      "resize(src, dst, out_h, out_w, pillow_order=True): bicubic resize of a C-contiguous "
      "uint8 (H, W, 3) image into a contiguous uint8 buffer; Pillow-identical unless "
      "pillow_order is False (then the cheaper pass order)."},
     {"process", py_process, METH_VARARGS,
-     "process(src, out, lut, out_h, out_w, patch, temporal, merge, pillow_order=True): fused "
+     "process(src, out, lut, norm, out_h, out_w, patch, temporal, merge, pillow_order=True): fused "
      "resize, normalize and Qwen2-VL patchify into `out`."},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -118,6 +118,13 @@ class VisionConfig:
             raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
         return table
 
+    def normalization(self) -> np.ndarray:
+        """(3, 3) float64, per channel: the rescale factor, mean and std whose arithmetic
+        ``lut`` tabulates (the kernel computes it in vectors where that reproduces the table)."""
+        rescale = self.rescale_factor if self.do_rescale else 1.0
+        mean, std = (self.image_mean, self.image_std) if self.do_normalize else ((0.0,) * 3, (1.0,) * 3)
+        return np.array([[rescale, np.float32(m), np.float32(s)] for m, s in zip(mean, std)], np.float64)
+
 
 def num_image_tokens(width: int, height: int, config: VisionConfig | dict | None = None) -> int:
     """Number of ``<|image_pad|>`` tokens Qwen2.5-VL gives an image of this size."""
@@ -170,6 +177,7 @@ class Qwen2VLImageProcessor:
         self.dtype = dtype
         self.max_image_pixels = max_image_pixels
         self._lut = self.config.lut(dtype)
+        self._norm = self.config.normalization()
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "Qwen2VLImageProcessor":
@@ -182,11 +190,12 @@ class Qwen2VLImageProcessor:
         return cls(VisionConfig.from_pretrained(path, **config_kw), **kwargs)
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_lut"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lut", "_norm")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lut = self.config.lut(self.dtype)
+        self._norm = self.config.normalization()
 
     # -- pixels ---------------------------------------------------------------
     def rgb(self, image) -> tuple[np.ndarray, tuple[int, int]]:
@@ -207,7 +216,7 @@ class Qwen2VLImageProcessor:
         """Runs the fused kernel: decoded pixels -> patches of the ``target`` size, into ``out``.
         ``exact`` resizes exactly as Pillow does; otherwise in the cheaper pass order."""
         cfg = self.config
-        _kernels.process(rgb, out, self._lut, target[0], target[1], cfg.patch_size,
+        _kernels.process(rgb, out, self._lut, self._norm, target[0], target[1], cfg.patch_size,
                          cfg.temporal_patch_size, cfg.merge_size, self.exact)
 
     def prepare(self, images) -> "PendingPatches":

@@ -87,6 +87,76 @@ def test_resize_kernel_random_shapes():
         assert np.abs(ref.astype(int) - out).max() <= (0 if PILLOW_13 else 32), (h, w, th, tw)
 
 
+@pytest.fixture(params=[True, False], ids=["simd", "portable"])
+def simd(request):
+    """Runs a test with the kernel's AVX2 loops and again with its portable ones."""
+    before = _kernels.simd()
+    if request.param and not _kernels.simd(True):
+        pytest.skip("this CPU has no AVX2")
+    _kernels.simd(request.param)
+    yield request.param
+    _kernels.simd(before)
+
+
+def test_resize_both_code_paths_are_pillow(simd):
+    """Shapes around the AVX2 pass's edges: groups of 8 rows, 4-pixel transposes, 32-value
+    vertical steps, widths under 6, one-pixel images."""
+    rng = np.random.default_rng(11)
+    shapes = [(1, 1, 3, 5), (2, 5, 9, 3), (9, 7, 8, 6), (17, 33, 8, 40), (8, 6, 16, 12), (40, 13, 7, 11)]
+    shapes += [tuple(int(v) for v in s) for s in rng.integers(1, 90, (40, 4))]
+    for h, w, th, tw in shapes:
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ref = np.asarray(Image.fromarray(a).resize((tw, th), Image.BICUBIC))
+        out = np.empty((th, tw, 3), np.uint8)
+        _kernels.resize(a, out, th, tw)
+        assert np.abs(ref.astype(int) - out).max() <= (0 if PILLOW_13 else 32), (simd, h, w, th, tw)
+
+
+LAYOUTS = [
+    {},  # Qwen2.5-VL: patch 14, merge 2, temporal 2
+    {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2},
+    {"patch_size": 14, "merge_size": 1, "temporal_patch_size": 1},
+    {"patch_size": 8, "merge_size": 3, "temporal_patch_size": 3},
+    {"patch_size": 3, "merge_size": 2, "temporal_patch_size": 2},  # planes under 16 values
+    {"do_normalize": False},
+    {"do_rescale": False, "image_mean": [10.0, 20.0, 30.0], "image_std": [3.0, 5.0, 7.0]},
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "default")
+def test_kernel_layouts_match_transformers(processor_dir, simd, layout):
+    """Other patch, merge and temporal sizes and normalizations, in both code paths, against
+    transformers' PIL backend with the same settings; bfloat16 is float32 rounded by torch."""
+    kw = dict(layout, min_pixels=64, max_pixels=200_000)
+    ref = Qwen2VLImageProcessorPil.from_pretrained(processor_dir, **kw)
+    ours = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, exact=True, **kw)
+    ours_bf16 = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, exact=True, dtype=torch.bfloat16, **kw)
+    for i, (h, w) in enumerate(((480, 640), (97, 331), (500, 120))):
+        rgb = photo_like(h, w, seed=i)
+        expected = run_reference(ref, rgb)
+        got = ours(rgb, return_tensors="np")
+        assert np.array_equal(got["image_grid_thw"], expected["image_grid_thw"])
+        assert got["pixel_values"].shape == expected["pixel_values"].shape
+        assert float(np.abs(got["pixel_values"] - expected["pixel_values"]).max()) <= 0.02 * max(1, 255 * (not ours.config.do_rescale))
+        assert torch.equal(ours_bf16(rgb)["pixel_values"], torch.from_numpy(got["pixel_values"]).to(torch.bfloat16))
+
+
+def test_kernel_follows_the_table_when_arithmetic_differs(processor_dir, simd):
+    """The kernel computes values in vectors only where that reproduces the lookup table bit
+    for bit; a table that is not the normalization's must be followed as given."""
+    proc = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, exact=True)
+    rgb = photo_like(56, 84)
+    lut = proc._lut.copy()
+    lut[1, 200] += 1.0
+    out = np.empty((24, 1176), np.float32)
+    _kernels.process(rgb, out, lut, proc._norm, 56, 84, 14, 2, 2)
+    expected = proc(rgb, return_tensors="np")["pixel_values"]
+    patches = out.reshape(24, 3, 2, 14, 14)
+    changed = np.abs(patches - expected.reshape(24, 3, 2, 14, 14)) > 0
+    assert changed.any() and not changed[:, [0, 2]].any()
+    assert np.all(patches[changed] == lut[1, 200])
+
+
 def test_kernels_reject_non_contiguous_views():
     view = photo_like(90, 130).transpose(1, 0, 2)
     with pytest.raises((ValueError, BufferError)):
