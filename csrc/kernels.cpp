@@ -40,12 +40,18 @@ double bicubic(double x) {
   return 0.0;
 }
 
+// The fast (non-exact) passes' weights: 16 bits with this many fractional bits, so that
+// one multiply-add instruction does two taps.
+constexpr int kFastBits = 14;
+
 // Fixed-point filter taps for one axis: output i reads `count[i]` inputs from
 // `first[i]` with weights `weights[i * ksize ...]`, exactly as Pillow computes them.
+// `pairs[i * npairs ...]` holds the same weights rounded to kFastBits, two taps per
+// int32 (the first in the low half), zero-padded to an even count.
 struct Taps {
-  int ksize = 0;
+  int ksize = 0, npairs = 0;
   std::vector<int> first, count;
-  std::vector<int32_t> weights;
+  std::vector<int32_t> weights, pairs;
 
   Taps(int in_size, int out_size) {
     const double scale = static_cast<double>(in_size) / out_size;
@@ -56,6 +62,8 @@ struct Taps {
     first.resize(out_size);
     count.resize(out_size);
     weights.assign(static_cast<size_t>(out_size) * ksize, 0);
+    npairs = (ksize + 1) / 2;
+    pairs.assign(static_cast<size_t>(out_size) * npairs, 0);
     std::vector<double> w(ksize);
     for (int i = 0; i < out_size; ++i) {
       const double center = (i + 0.5) * scale;
@@ -74,6 +82,8 @@ struct Taps {
         const double fixed = v * (1 << kPrecisionBits);
         weights[static_cast<size_t>(i) * ksize + k] =
             static_cast<int32_t>(v < 0 ? -0.5 + fixed : 0.5 + fixed);
+        const auto fast = static_cast<uint16_t>(static_cast<int16_t>(std::lround(v * (1 << kFastBits))));
+        pairs[static_cast<size_t>(i) * npairs + k / 2] |= static_cast<int32_t>(fast) << (16 * (k % 2));
       }
       first[i] = lo;
       count[i] = n;
@@ -154,13 +164,13 @@ void resample_cols_scalar(const Image& src, const Taps& taps, Py_ssize_t y0, Py_
 // Both keep Pillow's arithmetic exactly (32-bit products and sums, the same rounding and
 // clipping), only more values per instruction; integer sums do not depend on order.
 
-// Shifts, clips and packs four vectors of 8 sums into 32 bytes, in order.
+// Shifts (by the weights' fractional bits), clips and packs four vectors of 8 sums into
+// 32 bytes, in order.
+template <int kBits = kPrecisionBits>
 __attribute__((target("avx2"))) inline __m256i pack_sums(__m256i a, __m256i b, __m256i c,
                                                           __m256i d) {
-  const __m256i ab = _mm256_packs_epi32(_mm256_srai_epi32(a, kPrecisionBits),
-                                        _mm256_srai_epi32(b, kPrecisionBits));
-  const __m256i cd = _mm256_packs_epi32(_mm256_srai_epi32(c, kPrecisionBits),
-                                        _mm256_srai_epi32(d, kPrecisionBits));
+  const __m256i ab = _mm256_packs_epi32(_mm256_srai_epi32(a, kBits), _mm256_srai_epi32(b, kBits));
+  const __m256i cd = _mm256_packs_epi32(_mm256_srai_epi32(c, kBits), _mm256_srai_epi32(d, kBits));
   // The packs work per 128-bit lane; the dword permute puts the 4-byte groups back in order.
   return _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd),
                                      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
@@ -315,20 +325,131 @@ void resample_rows_avx2(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ss
   }
 }
 
+// ---- fast (approximate) AVX2 passes ------------------------------------------
+// For exact=False: the same taps with 16-bit weights (kFastBits), as Pillow-SIMD does, so
+// that one multiply-add (vpmaddwd) does two taps on 16-bit pixels. Results differ from the
+// exact passes by about a level at most; fast mode's accuracy is checked by PSNR.
+
+// For each column x, the 24 lanes of columns x and x + 1 as adjacent int16 pairs (48 values):
+// the operand layout of vpmaddwd with a pair of taps' weights.
+__attribute__((target("avx2")))
+void pair_columns(const uint8_t* cols, Py_ssize_t n, int16_t* paired) {
+  for (Py_ssize_t x = 0; x < n; ++x) {
+    const uint8_t* a = cols + x * kColumn;
+    const uint8_t* b = a + kColumn;
+    const __m128i a16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
+    const __m128i b16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+    const __m128i a8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a + 16));
+    const __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 16));
+    __m256i* out = reinterpret_cast<__m256i*>(paired + x * 2 * kColumn);
+    _mm256_storeu_si256(out, _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a16, b16)));
+    _mm256_storeu_si256(out + 1, _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a16, b16)));
+    _mm256_storeu_si256(out + 2, _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a8, b8)));
+  }
+}
+
+// Horizontal pass, eight rows at a time as in resample_rows_avx2, two taps per step.
+__attribute__((target("avx2")))
+void resample_rows_fast(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
+                        uint8_t* __restrict dst) {
+  const Py_ssize_t in_w = src.width, out_w = static_cast<Py_ssize_t>(taps.first.size());
+  const int npairs = taps.npairs;
+  // Pairs start at any tap position below in_w + 2 * npairs and read the column after it:
+  // zero columns (weight-0 taps) pad the end.
+  const Py_ssize_t span = in_w + 2 * npairs;
+  std::vector<uint8_t> cols(static_cast<size_t>(span + 1) * kColumn, 0);
+  std::vector<int16_t> paired(static_cast<size_t>(span) * 2 * kColumn);
+  std::vector<uint8_t> done(static_cast<size_t>(out_w) * kColumn + 8);
+  const __m256i half = _mm256_set1_epi32(1 << (kFastBits - 1));
+  for (Py_ssize_t y = y0; y < y1; y += kRows) {
+    const int rows = static_cast<int>(std::min<Py_ssize_t>(kRows, y1 - y));
+    const uint8_t* in[kRows];
+    uint8_t* out[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      in[r] = src.row(y + std::min(r, rows - 1));
+      out[r] = dst + (y - y0 + r) * out_w * 3;
+    }
+    interleave_rows(in, in_w, cols.data());
+    pair_columns(cols.data(), span, paired.data());
+    for (Py_ssize_t x = 0; x < out_w; ++x) {
+      const __m256i* p = reinterpret_cast<const __m256i*>(&paired[static_cast<size_t>(taps.first[x]) * 2 * kColumn]);
+      const int32_t* w = &taps.pairs[static_cast<size_t>(x) * npairs];
+      __m256i a = half, b = half, c = half;
+      for (int i = 0; i < npairs; ++i, p += 6) {  // two columns ahead: 2 x 48 int16
+        const __m256i wv = _mm256_set1_epi32(w[i]);
+        a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_loadu_si256(p), wv));
+        b = _mm256_add_epi32(b, _mm256_madd_epi16(_mm256_loadu_si256(p + 1), wv));
+        c = _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_loadu_si256(p + 2), wv));
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&done[x * kColumn]), pack_sums<kFastBits>(a, b, c, c));
+    }
+    scatter_columns(done.data(), out_w, rows, out);
+  }
+}
+
+// Vertical pass, 32 values at a time, two input rows per step: their bytes are interleaved
+// and widened to the int16 pairs vpmaddwd takes. The sums come out in the order the packs
+// restore, so no permute is needed.
+__attribute__((target("avx2")))
+void resample_cols_fast(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
+                        uint8_t* __restrict dst) {
+  const Py_ssize_t n = src.width * 3;
+  const __m256i half = _mm256_set1_epi32(1 << (kFastBits - 1)), zero = _mm256_setzero_si256();
+  std::vector<const uint8_t*> rows(2 * taps.npairs);
+  for (Py_ssize_t y = y0; y < y1; ++y) {
+    const int32_t* w = &taps.pairs[static_cast<size_t>(y) * taps.npairs];
+    const int npairs = (taps.count[y] + 1) / 2;
+    for (int i = 0; i < 2 * npairs; ++i)  // a padding tap (weight 0) rereads the last row
+      rows[i] = src.row(taps.first[y] + std::min(i, taps.count[y] - 1));
+    uint8_t* out = dst + (y - y0) * n;
+    Py_ssize_t x = 0;
+    for (; x + 32 <= n; x += 32) {
+      __m256i acc[4] = {half, half, half, half};
+      for (int i = 0; i < npairs; ++i) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[2 * i] + x));
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[2 * i + 1] + x));
+        const __m256i wv = _mm256_set1_epi32(w[i]);
+        const __m256i lo = _mm256_unpacklo_epi8(a, b), hi = _mm256_unpackhi_epi8(a, b);
+        acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(_mm256_unpacklo_epi8(lo, zero), wv));
+        acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(_mm256_unpackhi_epi8(lo, zero), wv));
+        acc[2] = _mm256_add_epi32(acc[2], _mm256_madd_epi16(_mm256_unpacklo_epi8(hi, zero), wv));
+        acc[3] = _mm256_add_epi32(acc[3], _mm256_madd_epi16(_mm256_unpackhi_epi8(hi, zero), wv));
+      }
+      // Per 128-bit half, acc holds x + {0..3}, {4..7}, {8..11}, {12..15} (low half) and
+      // the same + 16 (high half): the in-lane packs put them back in order.
+      const __m256i s01 = _mm256_packs_epi32(_mm256_srai_epi32(acc[0], kFastBits), _mm256_srai_epi32(acc[1], kFastBits));
+      const __m256i s23 = _mm256_packs_epi32(_mm256_srai_epi32(acc[2], kFastBits), _mm256_srai_epi32(acc[3], kFastBits));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + x), _mm256_packus_epi16(s01, s23));
+    }
+    for (; x < n; ++x) {
+      int32_t acc = 1 << (kFastBits - 1);
+      for (int i = 0; i < 2 * npairs; ++i)
+        acc += rows[i][x] * static_cast<int16_t>(w[i / 2] >> (16 * (i % 2)));
+      const int32_t v = acc >> kFastBits;
+      out[x] = static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v));
+    }
+  }
+}
+
+// Pass dispatch: AVX2 where the CPU has it (exact or fast), else the portable exact loops.
 void resample_rows(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
-                   uint8_t* dst) {
-  if (g_simd)
+                   uint8_t* dst, bool exact) {
+  if (!g_simd)
+    resample_rows_scalar(src, taps, y0, y1, dst);
+  else if (exact)
     resample_rows_avx2(src, taps, y0, y1, dst);
   else
-    resample_rows_scalar(src, taps, y0, y1, dst);
+    resample_rows_fast(src, taps, y0, y1, dst);
 }
 
 void resample_cols(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
-                   uint8_t* dst) {
-  if (g_simd)
+                   uint8_t* dst, bool exact) {
+  if (!g_simd)
+    resample_cols_scalar(src, taps, y0, y1, dst);
+  else if (exact)
     resample_cols_avx2(src, taps, y0, y1, dst);
   else
-    resample_cols_scalar(src, taps, y0, y1, dst);
+    resample_cols_fast(src, taps, y0, y1, dst);
 }
 
 Image packed(const uint8_t* data, Py_ssize_t height, Py_ssize_t width) {
@@ -337,13 +458,13 @@ Image packed(const uint8_t* data, Py_ssize_t height, Py_ssize_t width) {
 
 // Which pass runs first. Pillow (>= 13) runs the vertical pass first when the height
 // shrinks by more than twice as many pixels as the width does; the two orders round
-// differently, so `pillow_order` follows that rule to stay bit-identical (checked against
+// differently, so `exact` follows that rule to stay bit-identical (checked against
 // Pillow in tests/test_vision.py). Otherwise (fast mode, already approximate) the
 // cheaper order wins: per tap and output pixel, the horizontal pass costs about twice the
 // vertical one (measured with the AVX2 passes).
-bool vertical_first(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, bool pillow_order) {
+bool vertical_first(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, bool exact) {
   if (out_h == src.height) return false;
-  if (pillow_order)
+  if (exact)
     return out_h < src.height && (src.height - out_h) > 2 * (src.width - out_w);
   if (out_w == src.width) return true;
   const double kh = 4.0 * std::max(1.0, static_cast<double>(src.width) / out_w);
@@ -357,19 +478,19 @@ bool vertical_first(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, bool p
 // output rows [y0, y1).
 template <typename Emit>
 void resize_bands(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, Py_ssize_t band,
-                  bool pillow_order, Emit emit) {
+                  bool exact, Emit emit) {
   const bool resize_h = out_w != src.width;
   std::vector<uint8_t> chunk(static_cast<size_t>(band) * out_w * 3);
-  if (vertical_first(src, out_h, out_w, pillow_order)) {
+  if (vertical_first(src, out_h, out_w, exact)) {
     // Each band: vertical taps from the source, then the horizontal taps.
     Taps vtaps(static_cast<int>(src.height), static_cast<int>(out_h));
     Taps htaps(static_cast<int>(src.width), static_cast<int>(out_w));
     std::vector<uint8_t> tall(static_cast<size_t>(band) * src.width * 3);
     for (Py_ssize_t y = 0; y < out_h; y += band) {
       const Py_ssize_t y1 = y + band < out_h ? y + band : out_h;
-      resample_cols(src, vtaps, y, y1, tall.data());
+      resample_cols(src, vtaps, y, y1, tall.data(), exact);
       if (resize_h)
-        resample_rows(packed(tall.data(), y1 - y, src.width), htaps, 0, y1 - y, chunk.data());
+        resample_rows(packed(tall.data(), y1 - y, src.width), htaps, 0, y1 - y, chunk.data(), exact);
       emit(resize_h ? chunk.data() : tall.data(), y, y1);
     }
     return;
@@ -380,7 +501,7 @@ void resize_bands(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, Py_ssize
   if (resize_h) {
     wide.resize(static_cast<size_t>(src.height) * out_w * 3);
     resample_rows(src, Taps(static_cast<int>(src.width), static_cast<int>(out_w)), 0,
-                  src.height, wide.data());
+                  src.height, wide.data(), exact);
     rows = wide.data();
   }
   if (out_h == src.height) {
@@ -392,7 +513,7 @@ void resize_bands(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, Py_ssize
   Taps vtaps(static_cast<int>(src.height), static_cast<int>(out_h));
   for (Py_ssize_t y = 0; y < out_h; y += band) {
     const Py_ssize_t y1 = y + band < out_h ? y + band : out_h;
-    resample_cols(mid, vtaps, y, y1, chunk.data());
+    resample_cols(mid, vtaps, y, y1, chunk.data(), exact);
     emit(chunk.data(), y, y1);
   }
 }
@@ -636,8 +757,8 @@ bool check_size(const Py_buffer& v, Py_ssize_t expected, const char* what) {
 PyObject* py_resize(PyObject*, PyObject* args) {
   PyObject *src_obj, *dst_obj;
   Py_ssize_t out_h, out_w;
-  int pillow_order = 1;
-  if (!PyArg_ParseTuple(args, "OOnn|p", &src_obj, &dst_obj, &out_h, &out_w, &pillow_order))
+  int exact = 1;
+  if (!PyArg_ParseTuple(args, "OOnn|p", &src_obj, &dst_obj, &out_h, &out_w, &exact))
     return nullptr;
   Buffer src(src_obj, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT);
   if (!src.ok) return nullptr;
@@ -649,7 +770,7 @@ PyObject* py_resize(PyObject*, PyObject* args) {
     return nullptr;
   uint8_t* out = static_cast<uint8_t*>(dst.view.buf);
   Py_BEGIN_ALLOW_THREADS
-  resize_bands(img, out_h, out_w, 4 * kRowGroup, pillow_order,
+  resize_bands(img, out_h, out_w, 4 * kRowGroup, exact,
                [&](const uint8_t* rows, Py_ssize_t y0, Py_ssize_t y1) {
     std::memcpy(out + y0 * out_w * 3, rows, (y1 - y0) * out_w * 3);
   });
@@ -659,28 +780,28 @@ PyObject* py_resize(PyObject*, PyObject* args) {
 
 template <typename T>
 void run_fused(const Image& img, Py_ssize_t out_h, Py_ssize_t out_w, const PatchLayout& L,
-               bool pillow_order, const T* lut, const Normalize& norm, T* out) {
+               bool exact, const T* lut, const Normalize& norm, T* out) {
   // Whole block rows per band, and a multiple of the horizontal pass's row group.
   const Py_ssize_t block = L.patch * L.merge;
   const Py_ssize_t band = block * kRowGroup / std::gcd<Py_ssize_t>(block, kRowGroup);
   PatchWriter<T> writer(L, out_w, lut, norm, out);
-  resize_bands(img, out_h, out_w, band, pillow_order,
+  resize_bands(img, out_h, out_w, band, exact,
                [&](const uint8_t* rows, Py_ssize_t y0, Py_ssize_t y1) {
                  for (Py_ssize_t y = y0; y < y1; y += block)
                    writer.write(rows + (y - y0) * out_w * 3, y / L.patch);
                });
 }
 
-// process(src, out, lut, norm, out_h, out_w, patch, temporal, merge, pillow_order=True)
+// process(src, out, lut, norm, out_h, out_w, patch, temporal, merge, exact=True)
 // `lut` is float32 (3, 256) for float32 output or uint16 (3, 256) holding bfloat16
 // bits for bfloat16 output; `out` has the matching item size. `norm` is float64 (3, 3):
 // per channel the rescale factor, mean and std whose arithmetic `lut` tabulates.
 PyObject* py_process(PyObject*, PyObject* args) {
   PyObject *src_obj, *out_obj, *lut_obj, *norm_obj;
   Py_ssize_t out_h, out_w, patch, temporal, merge;
-  int pillow_order = 1;
+  int exact = 1;
   if (!PyArg_ParseTuple(args, "OOOOnnnnn|p", &src_obj, &out_obj, &lut_obj, &norm_obj, &out_h,
-                        &out_w, &patch, &temporal, &merge, &pillow_order))
+                        &out_w, &patch, &temporal, &merge, &exact))
     return nullptr;
   const Py_ssize_t factor = patch * merge;
   if (patch < 1 || temporal < 1 || merge < 1 || out_h < factor || out_w < factor ||
@@ -713,10 +834,10 @@ PyObject* py_process(PyObject*, PyObject* args) {
     return nullptr;
   Py_BEGIN_ALLOW_THREADS
   if (item == 4)
-    run_fused(img, out_h, out_w, L, pillow_order, static_cast<const float*>(lut.view.buf), norm,
+    run_fused(img, out_h, out_w, L, exact, static_cast<const float*>(lut.view.buf), norm,
               static_cast<float*>(out.view.buf));
   else
-    run_fused(img, out_h, out_w, L, pillow_order, static_cast<const uint16_t*>(lut.view.buf),
+    run_fused(img, out_h, out_w, L, exact, static_cast<const uint16_t*>(lut.view.buf),
               norm, static_cast<uint16_t*>(out.view.buf));
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
@@ -740,11 +861,11 @@ PyMethodDef kMethods[] = {
      "simd(enabled=None) -> bool: whether the AVX2 resize passes are used; pass False for the "
      "portable loops (True is granted only on CPUs with AVX2)."},
     {"resize", py_resize, METH_VARARGS,
-     "resize(src, dst, out_h, out_w, pillow_order=True): bicubic resize of a C-contiguous "
+     "resize(src, dst, out_h, out_w, exact=True): bicubic resize of a C-contiguous "
      "uint8 (H, W, 3) image into a contiguous uint8 buffer; Pillow-identical unless "
-     "pillow_order is False (then the cheaper pass order)."},
+     "exact is False (then the cheaper pass order and, with AVX2, 16-bit weights)."},
     {"process", py_process, METH_VARARGS,
-     "process(src, out, lut, norm, out_h, out_w, patch, temporal, merge, pillow_order=True): fused "
+     "process(src, out, lut, norm, out_h, out_w, patch, temporal, merge, exact=True): fused "
      "resize, normalize and Qwen2-VL patchify into `out`."},
     {nullptr, nullptr, 0, nullptr}};
 
