@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import statistics
+import time
 
 import numpy as np
 
@@ -18,9 +19,10 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 import fastload
 from fastload.baseline import pil_decode
 
-from common import PHOTOS, PROCESSOR, machine, median_ms, need_shared, table
+from common import PHOTOS, PROCESSOR, machine, need_shared, table
 
 SIZES = [(640, 480), (1280, 720), (1920, 1080), (4032, 3024)]
+REPEAT = 7
 SOURCES = ["Origamis.jpg", "unireco_bird_example.jpg", "ocr_example2.jpg"]
 
 
@@ -38,10 +40,39 @@ def photos_at(size: tuple[int, int]) -> list[bytes]:
     return out
 
 
+def contenders(ref, variants: dict, data: bytes) -> dict:
+    """What is timed, per photo: name -> callable."""
+    exact, fast = variants["exact f32"], variants["fast f32"]
+    reused = np.empty(exact(data)["pixel_values"].shape, np.float32)
+    return {
+        "decode floor": lambda: simplejpeg.decode_jpeg(data, "RGB"),
+        "transformers": lambda: ref(pil_decode(data), return_tensors="np"),
+        **{name: (lambda p=proc: p(data)) for name, proc in variants.items()},
+        # The loader's case: patches written into a reused buffer (its shared-memory slots),
+        # without the page faults of a fresh multi-megabyte output on every call.
+        "exact f32 out=": lambda: exact(data, out=reused),
+        "fast uint8 wire": lambda: fast.resized(data),
+    }
+
+
+def interleaved_ms(fns: dict, repeat: int) -> dict:
+    """Median ms per callable, timed round-robin so that the machine's noise hits all alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
 def main() -> None:
     need_shared()
     torch.set_num_threads(1)
-    print(f"machine: {machine()}; single thread; median of 5 runs, median over {len(SOURCES)} photos per size\n")
+    print(f"machine: {machine()}; single thread; median of {REPEAT} round-robin runs, median over "
+          f"{len(SOURCES)} photos per size\n")
     for max_pixels in (12845056, 1003520):
         ref = Qwen2VLImageProcessorPil.from_pretrained(PROCESSOR, max_pixels=max_pixels)
         variants = {
@@ -52,25 +83,12 @@ def main() -> None:
         }
         rows = []
         for size in SIZES:
-            datas = photos_at(size)
-            ms = {}
-            ms["decode floor"] = statistics.median(median_ms(lambda d=d: simplejpeg.decode_jpeg(d, "RGB")) for d in datas)
-            ms["transformers"] = statistics.median(
-                median_ms(lambda d=d: ref(pil_decode(d), return_tensors="np"), repeat=3) for d in datas)
-            for name, proc in variants.items():
-                ms[name] = statistics.median(median_ms(lambda d=d, p=proc: p(d)) for d in datas)
-            # The loader's case: patches written into a reused buffer (its shared-memory slots),
-            # without the page faults of a fresh multi-megabyte output on every call.
-            exact = variants["exact f32"]
-            ms["exact f32 out="] = statistics.median(
-                median_ms(lambda d=d, o=np.empty(exact(d)["pixel_values"].shape, np.float32): exact(d, out=o))
-                for d in datas)
-            wire = variants["fast f32"]
-            ms["fast uint8 wire"] = statistics.median(median_ms(lambda d=d: wire.resized(d)) for d in datas)
-            rows.append([f"{size[0]}x{size[1]}", *[ms[k] for k in ms],
-                         ms["transformers"] / ms["exact f32"], ms["exact f32"] / ms["decode floor"],
-                         ms["exact f32 out="] / ms["decode floor"], ms["fast uint8 wire"] / ms["decode floor"],
-                         ms["fast f32"] / ms["decode floor"]])
+            per_photo = [interleaved_ms(contenders(ref, variants, d), REPEAT) for d in photos_at(size)]
+            ms = {name: statistics.median(p[name] for p in per_photo) for name in per_photo[0]}
+            floor = ms["decode floor"]
+            rows.append([f"{size[0]}x{size[1]}", *ms.values(), ms["transformers"] / ms["exact f32"],
+                         ms["exact f32"] / floor, ms["exact f32 out="] / floor, ms["fast uint8 wire"] / floor,
+                         ms["fast f32"] / floor])
         headers = ["size", *ms.keys(), "tf/exact", "exact/floor", "exact out=/floor", "wire/floor", "fast/floor"]
         print(f"max_pixels={max_pixels} (ms per image)")
         print(table(headers, rows))
