@@ -110,7 +110,11 @@ constexpr int kRowGroup = 8;
 
 // The AVX2 passes run when the CPU has AVX2 (every x86-64 server of the last decade);
 // `_kernels.simd(False)` selects the portable loops, which tests compare too.
-bool g_simd = __builtin_cpu_supports("avx2");
+bool cpu_has_avx2() {
+  __builtin_cpu_init();  // needed before __builtin_cpu_supports in static initializers
+  return __builtin_cpu_supports("avx2");
+}
+bool g_simd = cpu_has_avx2();
 
 // ---- portable passes --------------------------------------------------------
 
@@ -851,7 +855,7 @@ PyObject* py_simd(PyObject*, PyObject* args) {
   if (enabled != Py_None) {
     const int want = PyObject_IsTrue(enabled);
     if (want < 0) return nullptr;
-    g_simd = want && __builtin_cpu_supports("avx2");
+    g_simd = want && cpu_has_avx2();
   }
   return PyBool_FromLong(g_simd);
 }
