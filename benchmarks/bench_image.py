@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import io
+import random
 import statistics
 import time
 
@@ -55,15 +56,18 @@ def contenders(ref, variants: dict, data: bytes) -> dict:
     }
 
 
-def interleaved_ms(fns: dict, repeat: int) -> dict:
-    """Median ms per callable, timed round-robin so that the machine's noise hits all alike."""
+def interleaved_ms(fns: dict, repeat: int, rng: random.Random) -> dict:
+    """Median ms per callable, timed round-robin so that the machine's noise hits all alike.
+    The order is shuffled every round: whoever runs right after transformers finds the heap
+    trimmed by its frees and pays page faults for a fresh output; that should not always be
+    the same contender."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
     for _ in range(repeat):
-        for name, fn in fns.items():
+        for name in rng.sample(list(fns), len(fns)):
             t = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
@@ -71,8 +75,9 @@ def interleaved_ms(fns: dict, repeat: int) -> dict:
 def main() -> None:
     need_shared()
     torch.set_num_threads(1)
-    print(f"machine: {machine()}; single thread; median of {REPEAT} round-robin runs, median over "
+    print(f"machine: {machine()}; single thread; median of {REPEAT} round-robin runs (shuffled), median over "
           f"{len(SOURCES)} photos per size\n")
+    rng = random.Random(0)
     for max_pixels in (12845056, 1003520):
         ref = Qwen2VLImageProcessorPil.from_pretrained(PROCESSOR, max_pixels=max_pixels)
         variants = {
@@ -83,7 +88,7 @@ def main() -> None:
         }
         rows = []
         for size in SIZES:
-            per_photo = [interleaved_ms(contenders(ref, variants, d), REPEAT) for d in photos_at(size)]
+            per_photo = [interleaved_ms(contenders(ref, variants, d), REPEAT, rng) for d in photos_at(size)]
             ms = {name: statistics.median(p[name] for p in per_photo) for name in per_photo[0]}
             floor = ms["decode floor"]
             rows.append([f"{size[0]}x{size[1]}", *ms.values(), ms["transformers"] / ms["exact f32"],
