@@ -162,8 +162,10 @@ def _to_rgb_array(image, config: VisionConfig, scaled: bool,
 class Qwen2VLImageProcessor:
     """Drop-in for transformers' ``Qwen2VLImageProcessor``, fused and GIL-free.
 
-    ``exact=False`` lets JPEGs decode DCT-scaled when that still covers the target size;
-    ``exact=True`` always decodes full size (matches transformers to ~1e-6).
+    ``exact=True`` always decodes full size and resizes exactly as Pillow does, so its values
+    equal transformers' PIL backend bit for bit. ``exact=False`` trades that for speed where it
+    is cheap: JPEGs decode DCT-scaled when that still covers the target size, and the resize
+    takes the cheaper pass order with a 16-bit vertical pass (PSNR ~39 dB on real photos).
     """
 
     model_input_names = ["pixel_values", "image_grid_thw"]
@@ -213,8 +215,7 @@ class Qwen2VLImageProcessor:
         return out, self._grid((th, tw))
 
     def process_into(self, rgb: np.ndarray, target: tuple[int, int], out: np.ndarray) -> None:
-        """Runs the fused kernel: decoded pixels -> patches of the ``target`` size, into ``out``.
-        ``exact`` resizes exactly as Pillow does; otherwise in the cheaper pass order."""
+        """Runs the fused kernel: decoded pixels -> patches of the ``target`` size, into ``out``."""
         cfg = self.config
         _kernels.process(rgb, out, self._lut, self._norm, target[0], target[1], cfg.patch_size,
                          cfg.temporal_patch_size, cfg.merge_size, self.exact)
