@@ -422,23 +422,49 @@ bool vertical_first(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, bool e
 }
 
 // Streams the resized image band by band: `emit(rows, y0, y1)` receives packed uint8
-// output rows [y0, y1).
+// output rows [y0, y1). With `dst` (a packed out_h x out_w x 3 buffer) the rows are written
+// there and `rows` points into it; without, they pass through a band-sized buffer (or come
+// straight from the source when nothing is resized).
 template <typename Emit>
 void resize_bands(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, Py_ssize_t band,
-                  bool exact, Emit emit) {
+                  bool exact, uint8_t* dst, Emit emit) {
+  const Py_ssize_t row_bytes = out_w * 3;
+  std::vector<uint8_t> chunk(dst ? 0 : static_cast<size_t>(band) * row_bytes);
+  auto rows_at = [&](Py_ssize_t y) { return dst ? dst + y * row_bytes : chunk.data(); };
+  auto band_end = [&](Py_ssize_t y) { return std::min(y + band, out_h); };
   const bool resize_h = out_w != src.width;
-  std::vector<uint8_t> chunk(static_cast<size_t>(band) * out_w * 3);
   if (vertical_first(src, out_h, out_w, exact)) {
     // Each band: vertical taps from the source, then the horizontal taps.
     Taps vtaps(static_cast<int>(src.height), static_cast<int>(out_h));
     Taps htaps(static_cast<int>(src.width), static_cast<int>(out_w));
-    std::vector<uint8_t> tall(static_cast<size_t>(band) * src.width * 3);
+    std::vector<uint8_t> tall(resize_h ? static_cast<size_t>(band) * src.width * 3 : 0);
     for (Py_ssize_t y = 0; y < out_h; y += band) {
-      const Py_ssize_t y1 = y + band < out_h ? y + band : out_h;
-      resample_cols(src, vtaps, y, y1, tall.data(), exact);
-      if (resize_h)
-        resample_rows(packed(tall.data(), y1 - y, src.width), htaps, 0, y1 - y, chunk.data());
-      emit(resize_h ? chunk.data() : tall.data(), y, y1);
+      const Py_ssize_t y1 = band_end(y);
+      uint8_t* out = rows_at(y);
+      if (resize_h) {
+        resample_cols(src, vtaps, y, y1, tall.data(), exact);
+        resample_rows(packed(tall.data(), y1 - y, src.width), htaps, 0, y1 - y, out);
+      } else {
+        resample_cols(src, vtaps, y, y1, out, exact);
+      }
+      emit(out, y, y1);
+    }
+    return;
+  }
+  if (out_h == src.height && !resize_h) {  // nothing to resize
+    for (Py_ssize_t y = 0; y < out_h; y += band) {
+      const Py_ssize_t y1 = band_end(y);
+      if (dst) std::memcpy(rows_at(y), src.row(y), (y1 - y) * row_bytes);
+      emit(dst ? rows_at(y) : src.row(y), y, y1);
+    }
+    return;
+  }
+  if (out_h == src.height) {  // only the width changes
+    Taps htaps(static_cast<int>(src.width), static_cast<int>(out_w));
+    for (Py_ssize_t y = 0; y < out_h; y += band) {
+      const Py_ssize_t y1 = band_end(y);
+      resample_rows(src, htaps, y, y1, rows_at(y));
+      emit(rows_at(y), y, y1);
     }
     return;
   }
@@ -446,22 +472,18 @@ void resize_bands(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, Py_ssize
   std::vector<uint8_t> wide;
   const uint8_t* rows = src.data;
   if (resize_h) {
-    wide.resize(static_cast<size_t>(src.height) * out_w * 3);
+    wide.resize(static_cast<size_t>(src.height) * row_bytes);
     resample_rows(src, Taps(static_cast<int>(src.width), static_cast<int>(out_w)), 0,
                   src.height, wide.data());
     rows = wide.data();
   }
-  if (out_h == src.height) {
-    for (Py_ssize_t y = 0; y < out_h; y += band)
-      emit(rows + y * out_w * 3, y, y + band < out_h ? y + band : out_h);
-    return;
-  }
   const Image mid = packed(rows, src.height, out_w);
   Taps vtaps(static_cast<int>(src.height), static_cast<int>(out_h));
   for (Py_ssize_t y = 0; y < out_h; y += band) {
-    const Py_ssize_t y1 = y + band < out_h ? y + band : out_h;
-    resample_cols(mid, vtaps, y, y1, chunk.data(), exact);
-    emit(chunk.data(), y, y1);
+    const Py_ssize_t y1 = band_end(y);
+    uint8_t* out = rows_at(y);
+    resample_cols(mid, vtaps, y, y1, out, exact);
+    emit(out, y, y1);
   }
 }
 
@@ -717,10 +739,8 @@ PyObject* py_resize(PyObject*, PyObject* args) {
     return nullptr;
   uint8_t* out = static_cast<uint8_t*>(dst.view.buf);
   Py_BEGIN_ALLOW_THREADS
-  resize_bands(img, out_h, out_w, 4 * kRowGroup, exact,
-               [&](const uint8_t* rows, Py_ssize_t y0, Py_ssize_t y1) {
-    std::memcpy(out + y0 * out_w * 3, rows, (y1 - y0) * out_w * 3);
-  });
+  resize_bands(img, out_h, out_w, 4 * kRowGroup, exact, out,
+               [](const uint8_t*, Py_ssize_t, Py_ssize_t) {});
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
@@ -732,7 +752,7 @@ void run_fused(const Image& img, Py_ssize_t out_h, Py_ssize_t out_w, const Patch
   const Py_ssize_t block = L.patch * L.merge;
   const Py_ssize_t band = block * kRowGroup / std::gcd<Py_ssize_t>(block, kRowGroup);
   PatchWriter<T> writer(L, out_w, lut, norm, out);
-  resize_bands(img, out_h, out_w, band, exact,
+  resize_bands(img, out_h, out_w, band, exact, nullptr,
                [&](const uint8_t* rows, Py_ssize_t y0, Py_ssize_t y1) {
                  for (Py_ssize_t y = y0; y < y1; y += block)
                    writer.write(rows + (y - y0) * out_w * 3, y / L.patch);
