@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -101,7 +102,8 @@ inline uint8_t clip8(int32_t acc) {
 struct Image {
   const uint8_t* data;
   Py_ssize_t height, width;
-  const uint8_t* row(Py_ssize_t y) const { return data + y * width * 3; }
+  Py_ssize_t first_row = 0;  // the row `data` holds: a window of a taller image
+  const uint8_t* row(Py_ssize_t y) const { return data + (y - first_row) * width * 3; }
 };
 
 // The AVX2 horizontal pass works on groups of this many rows; bands of rows (small enough
@@ -301,9 +303,9 @@ void resample_rows_avx2(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ss
   const int* const first = taps.first.data();
   const int* const count = taps.count.data();
   const int32_t* const weights = taps.weights.data();
-  // Zero-padded by ksize columns: taps past a row's end have weight 0 and read zeros.
-  std::vector<uint8_t> cols(static_cast<size_t>(in_w + ksize) * kColumn, 0);
-  std::vector<uint8_t> done(static_cast<size_t>(out_w) * kColumn + 8);
+  // Scratch, not zeroed: every byte read is written first (the band loop calls this often).
+  const std::unique_ptr<uint8_t[]> cols(new uint8_t[in_w * kColumn]);
+  const std::unique_ptr<uint8_t[]> done(new uint8_t[out_w * kColumn + 8]);
   const __m256i half = _mm256_set1_epi32(1 << (kPrecisionBits - 1));
   for (Py_ssize_t y = y0; y < y1; y += kRows) {
     const int rows = static_cast<int>(std::min<Py_ssize_t>(kRows, y1 - y));
@@ -313,7 +315,7 @@ void resample_rows_avx2(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ss
       in[r] = src.row(y + std::min(r, rows - 1));
       out[r] = dst + (y - y0 + r) * out_w * 3;
     }
-    interleave_rows(in, in_w, cols.data());
+    interleave_rows(in, in_w, cols.get());
     for (Py_ssize_t x = 0; x < out_w; ++x) {
       const uint8_t* p = &cols[static_cast<size_t>(first[x]) * kColumn];
       const int32_t* k = weights + x * ksize;
@@ -326,7 +328,7 @@ void resample_rows_avx2(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ss
       }
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(&done[x * kColumn]), pack_sums(a, b, c, c));
     }
-    scatter_columns(done.data(), out_w, rows, out);
+    scatter_columns(done.get(), out_w, rows, out);
   }
 }
 
@@ -468,21 +470,28 @@ void resize_bands(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, Py_ssize
     }
     return;
   }
-  // Horizontal pass once over all input rows; bands then cost only the vertical taps.
-  std::vector<uint8_t> wide;
-  const uint8_t* rows = src.data;
-  if (resize_h) {
-    wide.resize(static_cast<size_t>(src.height) * row_bytes);
-    resample_rows(src, Taps(static_cast<int>(src.width), static_cast<int>(out_w)), 0,
-                  src.height, wide.data());
-    rows = wide.data();
-  }
-  const Image mid = packed(rows, src.height, out_w);
+  // Horizontal pass over a sliding window of input rows: each band computes only the rows
+  // it newly needs, and the window stays small enough to remain in cache for the vertical taps.
+  Taps htaps(static_cast<int>(src.width), static_cast<int>(out_w));
   Taps vtaps(static_cast<int>(src.height), static_cast<int>(out_h));
+  Py_ssize_t span = 0;  // the most input rows one band reads
+  for (Py_ssize_t y = 0; y < out_h; y += band) {
+    const Py_ssize_t y1 = band_end(y) - 1;
+    span = std::max<Py_ssize_t>(span, vtaps.first[y1] + vtaps.count[y1] - vtaps.first[y]);
+  }
+  std::vector<uint8_t> window(static_cast<size_t>(span) * row_bytes);
+  Py_ssize_t lo = 0, hi = 0;  // input rows [lo, hi) are in the window
   for (Py_ssize_t y = 0; y < out_h; y += band) {
     const Py_ssize_t y1 = band_end(y);
+    const Py_ssize_t need_lo = vtaps.first[y], need_hi = vtaps.first[y1 - 1] + vtaps.count[y1 - 1];
+    const Py_ssize_t keep = std::max<Py_ssize_t>(0, hi - need_lo);
+    if (keep > 0) std::memmove(window.data(), window.data() + (need_lo - lo) * row_bytes, keep * row_bytes);
+    const Py_ssize_t from = std::max(hi, need_lo);
+    resample_rows(src, htaps, from, need_hi, window.data() + (from - need_lo) * row_bytes);
+    lo = need_lo;
+    hi = need_hi;
     uint8_t* out = rows_at(y);
-    resample_cols(mid, vtaps, y, y1, out, exact);
+    resample_cols(Image{window.data(), src.height, out_w, lo}, vtaps, y, y1, out, exact);
     emit(out, y, y1);
   }
 }
