@@ -100,30 +100,26 @@ class VisionConfig:
         th, tw = self.target_size(height, width)
         return 1, th // self.patch_size, tw // self.patch_size
 
+    def normalization(self) -> np.ndarray:
+        """(3, 3) float64, per channel: the rescale factor, mean and std (float32 values) of
+        transformers' arithmetic; a disabled step is its identity (1.0; 0.0 and 1.0)."""
+        rescale = self.rescale_factor if self.do_rescale else 1.0
+        mean, std = (self.image_mean, self.image_std) if self.do_normalize else ((0.0,) * 3, (1.0,) * 3)
+        return np.array([[rescale, np.float32(m), np.float32(s)] for m, s in zip(mean, std)], np.float64)
+
     def lut(self, dtype: torch.dtype = torch.float32) -> np.ndarray:
-        """(3, 256) table of normalized values, computed with transformers' exact float ops."""
-        v = np.arange(256, dtype=np.float64)
-        if self.do_rescale:
-            v = v * self.rescale_factor
-        v = v.astype(np.float32)
-        table = np.broadcast_to(v, (3, 256)).copy()
-        if self.do_normalize:
-            mean = np.asarray(self.image_mean, dtype=np.float32)[:, None]
-            std = np.asarray(self.image_std, dtype=np.float32)[:, None]
-            table = (table - mean) / std
+        """(3, 256) table of normalized values, computed with transformers' exact float ops: the
+        rescale in float64 rounded to float32, then (x - mean) / std in float32. The kernel
+        computes the same operations in vectors where they reproduce this table."""
+        norm = self.normalization()
+        x = (np.arange(256, dtype=np.float64)[None, :] * norm[:, :1]).astype(np.float32)
+        table = (x - norm[:, 1:2].astype(np.float32)) / norm[:, 2:3].astype(np.float32)
         table = np.ascontiguousarray(table, dtype=np.float32)
         if dtype == torch.bfloat16:
             return torch.from_numpy(table).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
         if dtype != torch.float32:
             raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
         return table
-
-    def normalization(self) -> np.ndarray:
-        """(3, 3) float64, per channel: the rescale factor, mean and std whose arithmetic
-        ``lut`` tabulates (the kernel computes it in vectors where that reproduces the table)."""
-        rescale = self.rescale_factor if self.do_rescale else 1.0
-        mean, std = (self.image_mean, self.image_std) if self.do_normalize else ((0.0,) * 3, (1.0,) * 3)
-        return np.array([[rescale, np.float32(m), np.float32(s)] for m, s in zip(mean, std)], np.float64)
 
 
 def num_image_tokens(width: int, height: int, config: VisionConfig | dict | None = None) -> int:
