@@ -413,9 +413,9 @@ Image packed(const uint8_t* data, Py_ssize_t height, Py_ssize_t width) {
 // vertical one (measured with the AVX2 passes).
 bool vertical_first(const Image& src, Py_ssize_t out_h, Py_ssize_t out_w, bool exact) {
   if (out_h == src.height) return false;
+  if (out_w == src.width) return true;  // the vertical pass alone, as Pillow does
   if (exact)
     return out_h < src.height && (src.height - out_h) > 2 * (src.width - out_w);
-  if (out_w == src.width) return true;
   const double kh = 4.0 * std::max(1.0, static_cast<double>(src.width) / out_w);
   const double kv = 4.0 * std::max(1.0, static_cast<double>(src.height) / out_h);
   const double h_first = 2 * kh * src.height * out_w + kv * out_h * out_w;

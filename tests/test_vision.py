@@ -100,9 +100,10 @@ def simd(request):
 
 def test_resize_both_code_paths_are_pillow(simd):
     """Shapes around the AVX2 pass's edges: groups of 8 rows, 4-pixel transposes, 32-value
-    vertical steps, widths under 6, one-pixel images."""
+    vertical steps, widths under 6, one-pixel images, one dimension only resized."""
     rng = np.random.default_rng(11)
-    shapes = [(1, 1, 3, 5), (2, 5, 9, 3), (9, 7, 8, 6), (17, 33, 8, 40), (8, 6, 16, 12), (40, 13, 7, 11)]
+    shapes = [(1, 1, 3, 5), (2, 5, 9, 3), (9, 7, 8, 6), (17, 33, 8, 40), (8, 6, 16, 12), (40, 13, 7, 11),
+              (20, 37, 31, 37), (31, 37, 20, 37), (23, 19, 23, 41), (23, 41, 23, 19)]
     shapes += [tuple(int(v) for v in s) for s in rng.integers(1, 90, (40, 4))]
     for h, w, th, tw in shapes:
         a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
