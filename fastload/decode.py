@@ -245,7 +245,7 @@ def dct_scale(header: Header, target_hw: tuple[int, int] | None) -> int:
     return 1
 
 
-def _decode_jpeg(data: bytes, header: Header, target_hw: tuple[int, int] | None) -> np.ndarray:
+def _decode_jpeg(data: bytes, header: Header, target_hw: tuple[int, int] | None, fast: bool) -> np.ndarray:
     try:
         _, _, colorspace, _ = simplejpeg.decode_jpeg_header(data, strict=False)
     except ValueError:
@@ -254,7 +254,8 @@ def _decode_jpeg(data: bytes, header: Header, target_hw: tuple[int, int] | None)
         return _decode_pillow(data)  # CMYK/YCCK (Pillow's Adobe handling is the reference), odd headers
     d = dct_scale(header, target_hw)
     try:
-        rgb = simplejpeg.decode_jpeg(data, "RGB", min_height=math.ceil(header.height / d),
+        rgb = simplejpeg.decode_jpeg(data, "RGB", fastdct=fast, fastupsample=fast,
+                                     min_height=math.ceil(header.height / d),
                                      min_width=math.ceil(header.width / d))
     except ValueError as exc:
         # Running out of data is what Pillow calls a truncated image; other libjpeg
@@ -266,17 +267,20 @@ def _decode_jpeg(data: bytes, header: Header, target_hw: tuple[int, int] | None)
     return transform(rgb) if transform else rgb
 
 
-def decode(source, *, target_hw: tuple[int, int] | None = None,
+def decode(source, *, target_hw: tuple[int, int] | None = None, fast: bool = False,
            max_pixels: int | None = MAX_IMAGE_PIXELS, header: Header | None = None) -> np.ndarray:
     """RGB uint8 (H, W, 3) pixels of an encoded image, EXIF orientation applied.
 
     ``target_hw`` allows a JPEG to be decoded DCT-scaled, no smaller than that (height,
-    width). The array may be a strided view (orientation is applied by strides, not copies).
+    width). ``fast`` lets libjpeg-turbo use its faster integer IDCT and plain chroma
+    upsampling: 15% less time, 42-56 dB from the accurate decode on real photos, so only
+    for callers that resize and accept approximate pixels anyway (the processor's fast mode).
+    The array may be a strided view (orientation is applied by strides, not copies).
     ``header`` saves parsing it again when the caller already has it.
     """
     data = as_bytes(source)
     header = header or read_header(data)
     check_pixels(header, max_pixels)
     if header.format == "jpeg":
-        return _decode_jpeg(data, header, target_hw)
+        return _decode_jpeg(data, header, target_hw, fast)
     return _decode_pillow(data)
