@@ -508,50 +508,8 @@ struct PatchLayout {
 };
 
 // ---- patch emission -----------------------------------------------------------
-
-// Splits `n` packed RGB pixels into R, G and B byte planes.
-void split_channels_scalar(const uint8_t* rgb, Py_ssize_t n, uint8_t* r, uint8_t* g, uint8_t* b) {
-  for (Py_ssize_t x = 0; x < n; ++x) {
-    r[x] = rgb[3 * x];
-    g[x] = rgb[3 * x + 1];
-    b[x] = rgb[3 * x + 2];
-  }
-}
-
-// Sixteen pixels at a time: each plane gathers its bytes from the three 16-byte chunks
-// with one byte shuffle per chunk.
-__attribute__((target("avx2")))
-void split_channels_avx2(const uint8_t* rgb, Py_ssize_t n, uint8_t* r, uint8_t* g, uint8_t* b) {
-  __m128i mask[3][3];  // [channel][chunk]
-  for (int c = 0; c < 3; ++c)
-    for (int k = 0; k < 3; ++k) {
-      alignas(16) int8_t m[16];
-      for (int j = 0; j < 16; ++j) {
-        const int at = 3 * j + c - 16 * k;
-        m[j] = at >= 0 && at < 16 ? static_cast<int8_t>(at) : -1;
-      }
-      mask[c][k] = _mm_load_si128(reinterpret_cast<const __m128i*>(m));
-    }
-  uint8_t* const planes[3] = {r, g, b};
-  Py_ssize_t x = 0;
-  for (; x + 16 <= n; x += 16) {
-    const __m128i* p = reinterpret_cast<const __m128i*>(rgb + 3 * x);
-    const __m128i chunk[3] = {_mm_loadu_si128(p), _mm_loadu_si128(p + 1), _mm_loadu_si128(p + 2)};
-    for (int c = 0; c < 3; ++c) {
-      __m128i v = _mm_shuffle_epi8(chunk[0], mask[c][0]);
-      for (int k = 1; k < 3; ++k) v = _mm_or_si128(v, _mm_shuffle_epi8(chunk[k], mask[c][k]));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(planes[c] + x), v);
-    }
-  }
-  split_channels_scalar(rgb + 3 * x, n - x, r + x, g + x, b + x);
-}
-
-void split_channels(const uint8_t* rgb, Py_ssize_t n, uint8_t* r, uint8_t* g, uint8_t* b) {
-  if (g_simd)
-    split_channels_avx2(rgb, n, r, g, b);
-  else
-    split_channels_scalar(rgb, n, r, g, b);
-}
+// Each patch is read straight from the resized band's packed RGB rows: `at` points at its
+// top-left pixel, `stride` bytes apart per row.
 
 // transformers' normalization of one channel: x = float32(v * rescale), the product in
 // double, then (x - mean) / std in float32. The lookup table the Python side passes holds
@@ -565,13 +523,16 @@ struct Normalize {
   float mean[3], std[3];
 };
 
-// One patch from its bytes `idx` (3, P * P): each channel's P * P values through `lut`
-// (3 x 256), written `temporal` times.
+// One patch through `lut` (3 x 256): each channel's P x P values, written `temporal` times.
 template <typename T>
-void lookup_patch(const uint8_t* idx, Py_ssize_t pp, Py_ssize_t temporal, const T* lut, T* dst) {
-  for (Py_ssize_t c = 0; c < 3; ++c) {
+void lookup_patch(const uint8_t* at, Py_ssize_t stride, Py_ssize_t P, Py_ssize_t temporal,
+                  const T* lut, T* dst) {
+  const Py_ssize_t pp = P * P;
+  for (int c = 0; c < 3; ++c) {
+    const T* table = lut + 256 * c;
     T* plane = dst + c * temporal * pp;
-    for (Py_ssize_t j = 0; j < pp; ++j) plane[j] = lut[256 * c + idx[c * pp + j]];
+    for (Py_ssize_t py = 0; py < P; ++py)
+      for (Py_ssize_t px = 0; px < P; ++px) plane[py * P + px] = table[at[py * stride + 3 * px + c]];
     for (Py_ssize_t t = 1; t < temporal; ++t) std::memcpy(plane + t * pp, plane, pp * sizeof(T));
   }
 }
@@ -591,110 +552,114 @@ struct ChannelVec {
   }
 };
 
-// Eight bytes from `idx`, normalized.
-TARGET_FMA inline __m256 load_normalized(const uint8_t* idx, const ChannelVec& k) {
-  const __m256 v = _mm256_cvtepi32_ps(
-      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(idx))));
+// The low eight bytes of `bytes`, normalized.
+TARGET_FMA inline __m256 normalize8(__m128i bytes, const ChannelVec& k) {
+  const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
   const __m256 x = _mm256_fmadd_ps(v, k.scale_hi, _mm256_mul_ps(v, k.scale_lo));
   const __m256 a = _mm256_sub_ps(x, k.mean);
   const __m256 q = _mm256_mul_ps(a, k.inverse);
   return _mm256_fmadd_ps(_mm256_fnmadd_ps(q, k.std, a), k.inverse, q);
 }
 
-// Stores sixteen values: as float32, or rounded to bfloat16.
-TARGET_FMA inline void store16(float* dst, __m256 a, __m256 b) {
-  _mm256_storeu_ps(dst, a);
-  _mm256_storeu_ps(dst + 8, b);
-}
-TARGET_FMA inline __m256i bfloat16_bits(__m256 v) {
-  // Round to nearest even on the bits (the values are finite), as torch does.
+// Stores eight values: as float32, or rounded to bfloat16.
+TARGET_FMA inline void store8(float* dst, __m256 v) { _mm256_storeu_ps(dst, v); }
+TARGET_FMA inline void store8(uint16_t* dst, __m256 v) {
+  // Round to nearest even on the bits (the values are finite), as torch does; the
+  // saturating pack only narrows, since the results fit 16 bits.
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-}
-TARGET_FMA inline void store16(uint16_t* dst, __m256 a, __m256 b) {
-  // The values fit 16 bits, so the saturating pack only narrows; it interleaves the
-  // 128-bit halves, which the permute puts back in order.
-  const __m256i packed = _mm256_packus_epi32(bfloat16_bits(a), bfloat16_bits(b));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute4x64_epi64(packed, 0xD8));
+  const __m256i rounded =
+      _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                   _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1)));
 }
 
-// The same as lookup_patch, the values computed in vectors sixteen at a time (pp >= 16) and
-// stored to every temporal copy straight from the registers.
+// Byte shuffles that take one channel of a patch row (8 <= P <= 16 pixels) from the 48
+// packed RGB bytes starting at its first pixel, read as three 16-byte chunks: pixels 0..7
+// land in bytes 0..7 and pixels P-8..P-1 in bytes 8..15 (the two 8-value halves stored).
+struct RowShuffle {
+  __m128i mask[3][3];  // [channel][chunk]
+  TARGET_FMA explicit RowShuffle(Py_ssize_t P) {
+    for (int c = 0; c < 3; ++c)
+      for (int k = 0; k < 3; ++k) {
+        alignas(16) int8_t m[16];
+        for (int j = 0; j < 16; ++j) {
+          const Py_ssize_t pixel = j < 8 ? j : P - 16 + j;
+          const Py_ssize_t byte = 3 * pixel + c - 16 * k;
+          m[j] = byte >= 0 && byte < 16 ? static_cast<int8_t>(byte) : -1;
+        }
+        mask[c][k] = _mm_load_si128(reinterpret_cast<const __m128i*>(m));
+      }
+  }
+};
+
+// The same as lookup_patch, computed in vectors; 48 bytes must be readable from each row's
+// first pixel.
 template <typename T>
-TARGET_FMA void normalize_patch(const uint8_t* idx, Py_ssize_t pp, Py_ssize_t temporal,
-                                const Normalize& norm, T* dst) {
+TARGET_FMA void normalize_patch(const uint8_t* at, Py_ssize_t stride, Py_ssize_t P,
+                                Py_ssize_t temporal, const Normalize& norm,
+                                const RowShuffle& shuffle, T* dst) {
+  const Py_ssize_t pp = P * P;
   for (int c = 0; c < 3; ++c) {
     const ChannelVec k(norm, c);
-    const uint8_t* in = idx + c * pp;
+    const __m128i* mask = shuffle.mask[c];
     T* plane = dst + c * temporal * pp;
-    for (Py_ssize_t j = 0; j < pp; j += 16) {
-      const Py_ssize_t at = std::min(j, pp - 16);  // the last step may redo a few values
-      store16(plane + at, load_normalized(in + at, k), load_normalized(in + at + 8, k));
+    for (Py_ssize_t py = 0; py < P; ++py) {
+      const __m128i* row = reinterpret_cast<const __m128i*>(at + py * stride);
+      const __m128i v = _mm_or_si128(
+          _mm_or_si128(_mm_shuffle_epi8(_mm_loadu_si128(row), mask[0]),
+                       _mm_shuffle_epi8(_mm_loadu_si128(row + 1), mask[1])),
+          _mm_shuffle_epi8(_mm_loadu_si128(row + 2), mask[2]));
+      store8(plane + py * P, normalize8(v, k));
+      store8(plane + py * P + P - 8, normalize8(_mm_srli_si128(v, 8), k));  // may overlap
     }
     for (Py_ssize_t t = 1; t < temporal; ++t) std::memcpy(plane + t * pp, plane, pp * sizeof(T));
   }
 }
 
-// Whether normalize_patch reproduces `lut` bit for bit; only then does it replace the lookups.
+// Whether normalize8 reproduces `lut` bit for bit; only then does it replace the lookups.
 template <typename T>
-bool normalize_matches(const Normalize& norm, const T* lut) {
-  uint8_t idx[3 * 256];
-  T values[3 * 256];
-  for (int i = 0; i < 3 * 256; ++i) idx[i] = static_cast<uint8_t>(i);
-  normalize_patch(idx, 256, 1, norm, values);
-  return std::memcmp(values, lut, sizeof values) == 0;
-}
-
-// Small copies without a library call (`n`, the patch size, is only known at run time).
-inline void copy_small(uint8_t* dst, const uint8_t* src, Py_ssize_t n) {
-  if (n < 8) {
-    for (Py_ssize_t i = 0; i < n; ++i) dst[i] = src[i];
-    return;
+TARGET_FMA bool normalize_matches(const Normalize& norm, const T* lut) {
+  alignas(16) uint8_t bytes[256];
+  T values[256];
+  for (int i = 0; i < 256; ++i) bytes[i] = static_cast<uint8_t>(i);
+  for (int c = 0; c < 3; ++c) {
+    const ChannelVec k(norm, c);
+    for (int i = 0; i < 256; i += 8)
+      store8(values + i, normalize8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + i)), k));
+    if (std::memcmp(values, lut + 256 * c, sizeof values) != 0) return false;
   }
-  for (Py_ssize_t i = 0; i + 8 < n; i += 8) std::memcpy(dst + i, src + i, 8);
-  std::memcpy(dst + n - 8, src + n - 8, 8);  // overlaps the last full copy
+  return true;
 }
 
 // Writes the patches of one block row (merge rows of patches, which the layout stores
-// contiguously) into the output. The pixels are rearranged as bytes first (split into
-// channel planes, then copied into output order), so that the values are then written
-// in one sequential stream, eight per store with AVX2.
+// contiguously) into the output, in output order: one sequential stream of stores.
 template <typename T>
 class PatchWriter {
  public:
   // `lut` is (3, 256) values of type T, the values of `norm`; `out` the whole output.
   PatchWriter(const PatchLayout& L, Py_ssize_t width, const T* lut, const Normalize& norm, T* out)
-      : L_(L), width_(width), lut_(lut), norm_(norm), out_(out),
-        planes_(static_cast<size_t>(3 * L.merge * L.patch) * width),
-        patches_(static_cast<size_t>(L.grid_w * L.merge) * 3 * L.patch * L.patch) {
-    simd_ = g_simd && L.patch * L.patch >= 16 && normalize_matches(norm, lut);
+      : L_(L), width_(width), lut_(lut), norm_(norm), out_(out), shuffle_(L.patch),
+        edge_(static_cast<size_t>(48 * L.patch)) {
+    simd_ = g_simd && L.patch >= 8 && L.patch <= 16 && normalize_matches(norm, lut);
   }
 
   // `rows`: the merge * patch_size packed RGB rows from patch row `gh` (a multiple of merge).
   void write(const uint8_t* rows, Py_ssize_t gh) {
-    const Py_ssize_t P = L_.patch, m = L_.merge, pp = P * P;
-    const Py_ssize_t plane = m * P * width_, count = L_.grid_w * m;
-    for (Py_ssize_t y = 0; y < m * P; ++y) {
-      uint8_t* r = &planes_[y * width_];
-      split_channels(rows + y * width_ * 3, width_, r, r + plane, r + 2 * plane);
-    }
-    // Patch q of the block row is at (gh + q / m % m, q / (m * m) * m + q % m); each gets its
-    // bytes in output order (channel, row, column).
-    uint8_t* idx = patches_.data();
-    for (Py_ssize_t q = 0; q < count; ++q) {
-      const Py_ssize_t y0 = (q / m % m) * P, x0 = (q / (m * m) * m + q % m) * P;
-      for (Py_ssize_t c = 0; c < 3; ++c)
-        for (Py_ssize_t py = 0; py < P; ++py, idx += P)
-          copy_small(idx, &planes_[c * plane + (y0 + py) * width_ + x0], P);
-    }
+    const Py_ssize_t P = L_.patch, m = L_.merge, stride = 3 * width_;
     T* dst = out_ + L_.patch_row(gh, 0) * L_.row_len();
-    for (Py_ssize_t q = 0; q < count; ++q) {
-      const uint8_t* bytes = &patches_[q * 3 * pp];
-      if (simd_)
-        normalize_patch(bytes, pp, L_.temporal, norm_, dst + q * L_.row_len());
-      else
-        lookup_patch(bytes, pp, L_.temporal, lut_, dst + q * L_.row_len());
+    // Patch q of the block row is at (gh + q / m % m, q / (m * m) * m + q % m).
+    for (Py_ssize_t q = 0; q < L_.grid_w * m; ++q, dst += L_.row_len()) {
+      const Py_ssize_t y0 = (q / m % m) * P, x0 = (q / (m * m) * m + q % m) * P;
+      const uint8_t* at = rows + y0 * stride + 3 * x0;
+      if (!simd_) {
+        lookup_patch(at, stride, P, L_.temporal, lut_, dst);
+      } else if (3 * x0 + 48 <= stride) {
+        normalize_patch(at, stride, P, L_.temporal, norm_, shuffle_, dst);
+      } else {  // the row ends within 48 bytes: read a copy instead
+        for (Py_ssize_t py = 0; py < P; ++py) std::memcpy(&edge_[48 * py], at + py * stride, 3 * P);
+        normalize_patch(edge_.data(), 48, P, L_.temporal, norm_, shuffle_, dst);
+      }
     }
   }
 
@@ -704,9 +669,9 @@ class PatchWriter {
   const T* lut_;
   Normalize norm_;
   T* out_;
+  RowShuffle shuffle_;
   bool simd_;
-  std::vector<uint8_t> planes_;   // (3, merge * P, width)
-  std::vector<uint8_t> patches_;  // (grid_w * merge, 3, P, P)
+  std::vector<uint8_t> edge_;  // (P, 48): the last patch of a row, copied
 };
 
 // ---- Python glue -----------------------------------------------------------
@@ -778,10 +743,30 @@ void run_fused(const Image& img, Py_ssize_t out_h, Py_ssize_t out_w, const Patch
                });
 }
 
+// `norm`, float64 (3, 3): per channel the rescale factor, mean and std.
+bool read_normalize(const Buffer& buf, Normalize* norm) {
+  if (!check_size(buf.view, 9 * sizeof(double), "norm")) return false;
+  const double* n = static_cast<const double*>(buf.view.buf);
+  for (int c = 0; c < 3; ++c) {
+    norm->rescale[c] = n[3 * c];
+    norm->mean[c] = static_cast<float>(n[3 * c + 1]);
+    norm->std[c] = static_cast<float>(n[3 * c + 2]);
+  }
+  return true;
+}
+
+// The item size of a (3, 256) float32 or uint16 table; 0, with a Python error, otherwise.
+Py_ssize_t table_item(const Buffer& lut) {
+  const Py_ssize_t item = lut.view.len / (3 * 256);
+  if (lut.view.len == 3 * 256 * item && (item == 2 || item == 4)) return item;
+  PyErr_SetString(PyExc_ValueError, "lut must be (3, 256) float32 or uint16");
+  return 0;
+}
+
 // process(src, out, lut, norm, out_h, out_w, patch, temporal, merge, exact=True)
 // `lut` is float32 (3, 256) for float32 output or uint16 (3, 256) holding bfloat16
-// bits for bfloat16 output; `out` has the matching item size. `norm` is float64 (3, 3):
-// per channel the rescale factor, mean and std whose arithmetic `lut` tabulates.
+// bits for bfloat16 output; `out` has the matching item size. `norm` holds the
+// rescale factor, mean and std whose arithmetic `lut` tabulates.
 PyObject* py_process(PyObject*, PyObject* args) {
   PyObject *src_obj, *out_obj, *lut_obj, *norm_obj;
   Py_ssize_t out_h, out_w, patch, temporal, merge;
@@ -802,19 +787,12 @@ PyObject* py_process(PyObject*, PyObject* args) {
   Buffer lut(lut_obj, PyBUF_C_CONTIGUOUS);
   if (!lut.ok) return nullptr;
   Buffer norm_buf(norm_obj, PyBUF_C_CONTIGUOUS);
-  if (!norm_buf.ok || !check_size(norm_buf.view, 9 * sizeof(double), "norm")) return nullptr;
-  const double* n = static_cast<const double*>(norm_buf.view.buf);
   Normalize norm;
-  for (int c = 0; c < 3; ++c) {
-    norm.rescale[c] = n[3 * c];
-    norm.mean[c] = static_cast<float>(n[3 * c + 1]);
-    norm.std[c] = static_cast<float>(n[3 * c + 2]);
-  }
+  if (!norm_buf.ok || !read_normalize(norm_buf, &norm)) return nullptr;
   Image img;
   if (!image_from_buffer(src.view, &img)) return nullptr;
-  const Py_ssize_t item = lut.view.len / (3 * 256);
-  if (lut.view.len != 3 * 256 * item || (item != 2 && item != 4))
-    return PyErr_Format(PyExc_ValueError, "lut must be (3, 256) float32 or uint16");
+  const Py_ssize_t item = table_item(lut);
+  if (!item) return nullptr;
   const PatchLayout L{patch, temporal, merge, out_w / patch};
   if (!check_size(out.view, (out_h / patch) * L.grid_w * L.row_len() * item, "out"))
     return nullptr;
@@ -827,6 +805,24 @@ PyObject* py_process(PyObject*, PyObject* args) {
               norm, static_cast<uint16_t*>(out.view.buf));
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
+}
+
+// computes_table(lut, norm) -> bool: whether process() computes this table's values in
+// vectors rather than looking them up (it does so only where that reproduces them bit for bit).
+PyObject* py_computes_table(PyObject*, PyObject* args) {
+  PyObject *lut_obj, *norm_obj;
+  if (!PyArg_ParseTuple(args, "OO", &lut_obj, &norm_obj)) return nullptr;
+  Buffer lut(lut_obj, PyBUF_C_CONTIGUOUS);
+  if (!lut.ok) return nullptr;
+  Buffer norm_buf(norm_obj, PyBUF_C_CONTIGUOUS);
+  Normalize norm;
+  if (!norm_buf.ok || !read_normalize(norm_buf, &norm)) return nullptr;
+  const Py_ssize_t item = table_item(lut);
+  if (!item) return nullptr;
+  const bool computed =
+      g_simd && (item == 4 ? normalize_matches(norm, static_cast<const float*>(lut.view.buf))
+                           : normalize_matches(norm, static_cast<const uint16_t*>(lut.view.buf)));
+  return PyBool_FromLong(computed);
 }
 
 // simd(enabled=None) -> bool: whether the AVX2 passes run; with an argument, asks for them
@@ -853,6 +849,9 @@ PyMethodDef kMethods[] = {
     {"process", py_process, METH_VARARGS,
      "process(src, out, lut, norm, out_h, out_w, patch, temporal, merge, exact=True): fused "
      "resize, normalize and Qwen2-VL patchify into `out`."},
+    {"computes_table", py_computes_table, METH_VARARGS,
+     "computes_table(lut, norm) -> bool: whether process() computes these normalized values "
+     "in vectors (it does only where that reproduces `lut` bit for bit) rather than looking them up."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_kernels",

@@ -173,6 +173,18 @@ def test_kernel_follows_the_table_when_arithmetic_differs(processor_dir, simd):
     assert np.all(patches[changed] == lut[1, 200])
 
 
+@pytest.mark.parametrize("layout", LAYOUTS[:1] + LAYOUTS[-2:], ids=["default", "no-normalize", "custom"])
+def test_kernel_computes_transformers_table(processor_dir, layout):
+    """The vector arithmetic (no division, no double precision) reproduces transformers' values
+    for real configurations, so the kernel never falls back to table lookups for them."""
+    if not _kernels.simd():
+        pytest.skip("this CPU has no AVX2")
+    cfg = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, **layout).config
+    for dtype in (torch.float32, torch.bfloat16):
+        assert _kernels.computes_table(cfg.lut(dtype), cfg.normalization()), dtype
+    assert not _kernels.computes_table(cfg.lut() + 1e-6, cfg.normalization())
+
+
 def test_kernels_reject_non_contiguous_views():
     view = photo_like(90, 130).transpose(1, 0, 2)
     with pytest.raises((ValueError, BufferError)):
