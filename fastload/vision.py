@@ -157,6 +157,14 @@ def _to_rgb_array(image, config: VisionConfig, fast: bool,
     return np.ascontiguousarray(rgb), target  # EXIF rotations arrive as views
 
 
+def fresh_array(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialized array for an output, from the kernel's block pool: repeated large
+    outputs reuse the last freed block instead of faulting in new pages (csrc: output blocks)."""
+    count = math.prod(shape)
+    block = _kernels.empty(count * np.dtype(dtype).itemsize)
+    return np.frombuffer(block, dtype, count).reshape(shape)
+
+
 class Qwen2VLImageProcessor:
     """Drop-in for transformers' ``Qwen2VLImageProcessor``, fused and GIL-free.
 
@@ -209,7 +217,7 @@ class Qwen2VLImageProcessor:
     def resized(self, image) -> tuple[np.ndarray, tuple[int, int, int]]:
         """The uint8 wire format: the resized (h, w, 3) image and its grid (t, h, w)."""
         rgb, (th, tw) = self.rgb(image)
-        out = np.empty((th, tw, 3), np.uint8)
+        out = fresh_array((th, tw, 3), np.uint8)
         _kernels.resize(rgb, out, th, tw, self.exact)
         return out, self._grid((th, tw))
 
@@ -239,7 +247,7 @@ class Qwen2VLImageProcessor:
     def _output_buffer(self, out, rows: int) -> np.ndarray:
         shape = (rows, self.config.patch_dim)
         if out is None:
-            return np.empty(shape, self._lut.dtype)
+            return fresh_array(shape, self._lut.dtype)
         if isinstance(out, torch.Tensor):
             if tuple(out.shape) != shape or out.dtype != self.dtype or not out.is_contiguous():
                 raise ValueError(f"out must be a contiguous {self.dtype} tensor of shape {shape}")
@@ -281,9 +289,9 @@ class PendingPatches:
             row += h * w
 
     def tensor(self) -> torch.Tensor:
-        out = torch.empty(self.shape, dtype=self.dtype)
-        self.write_into(out)
-        return out
+        flat = self.processor._output_buffer(None, self.shape[0])
+        self.write_into(flat)
+        return self.processor._wrap(flat, None, "pt")
 
 
 def expand_patches(pixels: torch.Tensor, image_grid_thw: torch.Tensor, config: VisionConfig | None = None,

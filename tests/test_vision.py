@@ -185,6 +185,23 @@ def test_kernel_computes_transformers_table(processor_dir, layout):
     assert not _kernels.computes_table(cfg.lut() + 1e-6, cfg.normalization())
 
 
+def test_fresh_outputs_reuse_memory_only_once_unreferenced(processor_dir):
+    """Outputs without out= come from a one-block pool; a block is handed out again only
+    after every array and tensor viewing it is gone."""
+    proc = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, exact=True)
+    data = jpeg_bytes(photo_like(480, 640))
+    first = proc(data)["pixel_values"]
+    expected, first_ptr = first.clone(), first.data_ptr()
+    view = first[3:7]
+    del first
+    second = proc(data)["pixel_values"]
+    assert second.data_ptr() != first_ptr and torch.equal(view, expected[3:7])
+    second_ptr = second.data_ptr()
+    del view, second  # the block freed last is the one kept
+    third = proc(data, return_tensors="np")["pixel_values"]
+    assert third.ctypes.data == second_ptr and np.array_equal(third, expected.numpy())
+
+
 def test_kernels_reject_non_contiguous_views():
     view = photo_like(90, 130).transpose(1, 0, 2)
     with pytest.raises((ValueError, BufferError)):
