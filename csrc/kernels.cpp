@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <immintrin.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cstring>
 #include <memory>
@@ -742,7 +744,8 @@ class PatchWriter {
 // Memory for outputs the caller did not provide. A fresh buffer of tens or hundreds of
 // megabytes comes from the OS one zeroed page per fault on first touch, which here costs
 // as much as the work written into it (~20 ms for the 290 MB of a 12-megapixel image); so
-// the most recently freed block is kept and handed out again to a request it fits. A
+// one freed block, the largest, is kept and handed out again to any request it holds:
+// a caller processing images one after another, of whatever sizes, reuses one block. A
 // Block exposes the buffer protocol, and numpy arrays (and torch tensors over them) hold a
 // reference to it, so its memory is reused only once nothing views it.
 struct Block {
@@ -755,6 +758,19 @@ constexpr Py_ssize_t kSpareLimit = Py_ssize_t{1} << 29;  // idle memory kept: 51
 void* g_spare = nullptr;
 Py_ssize_t g_spare_size = 0;
 
+// Asks for transparent huge pages on a large block, as numpy does for its arrays: where the
+// kernel grants them on request (THP "madvise" mode), first touch faults once per 2 MiB
+// instead of once per 4 KiB (here 45 instead of 180 ms for a fresh 290 MB output).
+void advise_huge_pages(void* data, Py_ssize_t nbytes) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kPage = 4096;
+  if (nbytes < (Py_ssize_t{4} << 20)) return;
+  const uintptr_t start = (reinterpret_cast<uintptr_t>(data) + kPage - 1) & ~(kPage - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + nbytes) & ~(kPage - 1);
+  madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);  // advice only
+#endif
+}
+
 int block_getbuffer(PyObject* self, Py_buffer* view, int flags) {
   auto* block = reinterpret_cast<Block*>(self);
   return PyBuffer_FillInfo(view, self, block->data, block->size, 0, flags);
@@ -762,7 +778,7 @@ int block_getbuffer(PyObject* self, Py_buffer* view, int flags) {
 
 void block_dealloc(PyObject* self) {
   auto* block = reinterpret_cast<Block*>(self);
-  if (block->size <= kSpareLimit) {  // the GIL guards the spare
+  if (block->size <= kSpareLimit && block->size >= g_spare_size) {  // the GIL guards the spare
     std::free(g_spare);
     g_spare = block->data;
     g_spare_size = block->size;
@@ -775,15 +791,14 @@ void block_dealloc(PyObject* self) {
 PyBufferProcs kBlockBuffer = {block_getbuffer, nullptr};
 PyTypeObject kBlockType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
-// empty(nbytes) -> Block: uninitialized memory, the spare block when it fits (and is not
-// over twice the size asked for: a small output should not pin a huge block).
+// empty(nbytes) -> Block: uninitialized memory, the spare block when it is large enough.
 PyObject* py_empty(PyObject*, PyObject* args) {
   Py_ssize_t nbytes;
   if (!PyArg_ParseTuple(args, "n", &nbytes)) return nullptr;
   if (nbytes < 0) return PyErr_Format(PyExc_ValueError, "negative size");
   auto* block = PyObject_New(Block, &kBlockType);
   if (!block) return nullptr;
-  if (g_spare && g_spare_size >= nbytes && g_spare_size <= 2 * nbytes) {
+  if (g_spare && g_spare_size >= nbytes) {
     block->data = g_spare;
     block->size = g_spare_size;
     g_spare = nullptr;
@@ -795,6 +810,7 @@ PyObject* py_empty(PyObject*, PyObject* args) {
       PyObject_Free(block);
       return PyErr_NoMemory();
     }
+    advise_huge_pages(block->data, nbytes);
   }
   return reinterpret_cast<PyObject*>(block);
 }
@@ -976,7 +992,7 @@ PyMethodDef kMethods[] = {
      "resize, normalize and Qwen2-VL patchify into `out`."},
     {"empty", py_empty, METH_VARARGS,
      "empty(nbytes) -> Block: uninitialized memory exposing the buffer protocol, reusing the "
-     "most recently freed block when it fits (no page faults for repeated large outputs)."},
+     "largest freed block when it fits (no page faults for repeated large outputs)."},
     {"computes_table", py_computes_table, METH_VARARGS,
      "computes_table(lut, norm) -> bool: whether process() computes these normalized values "
      "in vectors (it does only where that reproduces `lut` bit for bit) rather than looking them up."},
