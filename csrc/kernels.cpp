@@ -82,10 +82,11 @@ struct Taps {
       }
       for (int k = 0; k < n; ++k) {
         const double v = total != 0.0 ? w[k] / total : w[k];
-        const double fixed = v * (1 << kPrecisionBits);
+        const double fixed = v * (1 << kPrecisionBits), fast_fixed = v * (1 << kFastBits);
         weights[static_cast<size_t>(i) * ksize + k] =
             static_cast<int32_t>(v < 0 ? -0.5 + fixed : 0.5 + fixed);
-        const auto fast = static_cast<uint16_t>(static_cast<int16_t>(std::lround(v * (1 << kFastBits))));
+        const auto fast = static_cast<uint16_t>(
+            static_cast<int16_t>(v < 0 ? -0.5 + fast_fixed : 0.5 + fast_fixed));
         pairs[static_cast<size_t>(i) * npairs + k / 2] |= static_cast<int32_t>(fast) << (16 * (k % 2));
       }
       first[i] = lo;
