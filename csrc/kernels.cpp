@@ -646,7 +646,7 @@ TARGET_FMA inline void store8(uint16_t* dst, __m256 v) {
 // land in bytes 0..7 and pixels P-8..P-1 in bytes 8..15 (the two 8-value halves stored).
 struct RowShuffle {
   __m128i mask[3][3];  // [channel][chunk]
-  TARGET_FMA explicit RowShuffle(Py_ssize_t P) {
+  explicit RowShuffle(Py_ssize_t P) {  // plain SSE2: built even where AVX2 is missing
     for (int c = 0; c < 3; ++c)
       for (int k = 0; k < 3; ++k) {
         alignas(16) int8_t m[16];
