@@ -273,7 +273,7 @@ def decode(source, *, target_hw: tuple[int, int] | None = None, fast: bool = Fal
 
     ``target_hw`` allows a JPEG to be decoded DCT-scaled, no smaller than that (height,
     width). ``fast`` lets libjpeg-turbo use its faster integer IDCT and plain chroma
-    upsampling: 15% less time, 42-56 dB from the accurate decode on real photos, so only
+    upsampling: 8-15% less time, 42-56 dB from the accurate decode on real photos, so only
     for callers that resize and accept approximate pixels anyway (the processor's fast mode).
     The array may be a strided view (orientation is applied by strides, not copies).
     ``header`` saves parsing it again when the caller already has it.
