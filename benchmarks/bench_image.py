@@ -23,7 +23,7 @@ from fastload.baseline import pil_decode
 from common import PHOTOS, PROCESSOR, machine, need_shared, table
 
 SIZES = [(640, 480), (1280, 720), (1920, 1080), (4032, 3024)]
-REPEAT = 7
+REPEAT = 15
 SOURCES = ["Origamis.jpg", "unireco_bird_example.jpg", "ocr_example2.jpg"]
 
 
@@ -61,8 +61,9 @@ def interleaved_ms(fns: dict, repeat: int, rng: random.Random) -> dict:
     The order is shuffled every round: whoever runs right after transformers finds the heap
     trimmed by its frees and pays page faults for a fresh output; that should not always be
     the same contender."""
-    for fn in fns.values():
-        fn()
+    for _ in range(3):  # warm: first calls fault in pools, heaps and caches
+        for fn in fns.values():
+            fn()
     times = {name: [] for name in fns}
     for _ in range(repeat):
         for name in rng.sample(list(fns), len(fns)):
