@@ -434,11 +434,25 @@ inline void taps_fast16(const uint8_t* pairs, const Taps& taps, uint8_t* __restr
   }
 }
 
-// kFast8: the same with the 8-bit weights, straight from the columns as the kFast8
-// vertical pass reads rows (no pairing pass): two adjacent columns' bytes interleaved are the pairs one
-// vpmaddubsw multiplies by two taps, 16 values per instruction, summed in 16 bits. Each
-// 32-byte load takes a column and 8 bytes of the next, whose sums land past the column's
-// 24 bytes and are overwritten by the next column's store (`cols` has room for the last).
+// kFast8: the same with the 8-bit weights, read straight from the columns (no pairing
+// pass) as the kFast8 vertical pass reads rows: two adjacent columns' bytes, interleaved,
+// are the pairs one vpmaddubsw multiplies by two taps, 16 values per instruction, summed
+// in 16 bits. Each 32-byte load takes a column and 8 bytes of the next, whose sums land
+// past the column's 24 bytes and are overwritten by the next column's store (`cols` has
+// room after the last).
+// Adds the two-tap products of a's and b's bytes, interleaved (a's take the first tap), to
+// 16-bit sums: `lo` gets each 128-bit lane's first 8 values, `hi` its last 8.
+__attribute__((target("avx2")))
+inline void madd_pairs8(__m256i a, __m256i b, __m256i w, __m256i& lo, __m256i& hi) {
+  lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(a, b), w));
+  hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(a, b), w));
+}
+
+// Those sums as 32 bytes in their original order (the in-lane pack undoes the unpacks).
+__attribute__((target("avx2"))) inline __m256i pack_sums8(__m256i lo, __m256i hi) {
+  return _mm256_packus_epi16(_mm256_srai_epi16(lo, kByteBits), _mm256_srai_epi16(hi, kByteBits));
+}
+
 __attribute__((target("avx2")))
 inline void taps_fast8(const uint8_t* cols, const Taps& taps, uint8_t* __restrict done) {
   const Py_ssize_t out_w = static_cast<Py_ssize_t>(taps.first.size()), npairs = taps.npairs;
@@ -449,16 +463,12 @@ inline void taps_fast8(const uint8_t* cols, const Taps& taps, uint8_t* __restric
   for (Py_ssize_t x = 0; x < out_w; ++x) {
     const uint8_t* p = cols + static_cast<size_t>(first[x]) * kColumn;
     const uint16_t* w = weights + x * npairs;
-    __m256i lo = half, hi = half;  // per 128-bit lane: values 0..7 and 8..15 of the lane
-    for (int i = 0; i < (count[x] + 1) / 2; ++i, p += 2 * kColumn) {
-      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kColumn));
-      const __m256i wv = _mm256_set1_epi16(static_cast<int16_t>(w[i]));
-      lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(a, b), wv));
-      hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(a, b), wv));
-    }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(done + x * kColumn),
-                        _mm256_packus_epi16(_mm256_srai_epi16(lo, kByteBits), _mm256_srai_epi16(hi, kByteBits)));
+    __m256i lo = half, hi = half;
+    for (int i = 0; i < (count[x] + 1) / 2; ++i, p += 2 * kColumn)
+      madd_pairs8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kColumn)),
+                  _mm256_set1_epi16(static_cast<int16_t>(w[i])), lo, hi);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(done + x * kColumn), pack_sums8(lo, hi));
   }
 }
 
@@ -565,15 +575,11 @@ void resample_row_fast8(const uint8_t* const* rows, const uint16_t* w, Py_ssize_
   }
   Py_ssize_t x = 0;
   for (; x + 32 <= n; x += 32) {
-    __m256i lo = half, hi = half;  // per 128-bit lane: values 0..7 and 8..15 of the lane
-    for (int i = 0; i < kPairs; ++i) {
-      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r[2 * i] + x));
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r[2 * i + 1] + x));
-      lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(a, b), wv[i]));
-      hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(a, b), wv[i]));
-    }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + x),
-                        _mm256_packus_epi16(_mm256_srai_epi16(lo, kByteBits), _mm256_srai_epi16(hi, kByteBits)));
+    __m256i lo = half, hi = half;
+    for (int i = 0; i < kPairs; ++i)
+      madd_pairs8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r[2 * i] + x)),
+                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r[2 * i + 1] + x)), wv[i], lo, hi);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + x), pack_sums8(lo, hi));
   }
   for (; x < n; ++x) {
     int32_t acc = 1 << (kByteBits - 1);
@@ -615,7 +621,8 @@ void resample_rows(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t
 void resample_cols(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1, uint8_t* dst) {
   switch (taps.kind) {
     case Kind::kExact:
-      return g_simd ? resample_cols_avx2(src, taps, y0, y1, dst) : resample_cols_scalar(src, taps, y0, y1, dst);
+      return g_simd ? resample_cols_avx2(src, taps, y0, y1, dst)
+                    : resample_cols_scalar(src, taps, y0, y1, dst);
     case Kind::kFast16:
       return resample_cols_fast16(src, taps, y0, y1, dst);
     case Kind::kFast8:
