@@ -76,6 +76,18 @@ enum class Kind {
 //            half), zero-padded to an even count;
 //   kFast8:  `bytes[i * npairs ...]`, kByteBits, two taps per int16 (the first in the low
 //            byte), rounded so that they sum to exactly one: flat areas stay exact.
+// One kind's taps as raw pointers (a by-value copy the loops keep in registers): the loops
+// store through uint8_t*, which may alias anything, so the compiler would reload every
+// vector member after each store.
+template <typename W>
+struct TapArrays {
+  Py_ssize_t size, stride;  // outputs; weight entries per output
+  const int* first;
+  const int* count;
+  const W* weights;
+  const W* of(Py_ssize_t x) const { return weights + x * stride; }
+};
+
 struct Taps {
   Kind kind;
   int ksize = 0, npairs = 0;
@@ -85,7 +97,15 @@ struct Taps {
 
   Taps(int in_size, int out_size, bool exact, bool simd);
 
+  TapArrays<int32_t> exact() const { return arrays(weights, ksize); }
+  TapArrays<int32_t> fast16() const { return arrays(pairs, npairs); }
+  TapArrays<uint16_t> fast8() const { return arrays(bytes, npairs); }
+
  private:
+  template <typename W>
+  TapArrays<W> arrays(const std::vector<W>& w, int stride) const {
+    return {static_cast<Py_ssize_t>(first.size()), stride, first.data(), count.data(), w.data()};
+  }
   bool quantize_bytes(const std::vector<double>& norm);
 };
 
@@ -195,20 +215,15 @@ bool g_simd = cpu_has_avx2();
 // Horizontal pass over input rows [y0, y1) into a packed (y1 - y0, out_w, 3) buffer.
 void resample_rows_scalar(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ssize_t y1,
                           uint8_t* __restrict dst) {
-  // Locals, not vector members: stores through uint8_t* may alias anything, and the
-  // compiler would otherwise reload every member after each output byte.
-  const Py_ssize_t out_w = static_cast<Py_ssize_t>(taps.first.size());
-  const int* const first = taps.first.data();
-  const int* const count = taps.count.data();
-  const int32_t* const weights = taps.weights.data();
+  const auto t = taps.exact();
   for (Py_ssize_t y = y0; y < y1; ++y) {
     const uint8_t* in = src.row(y);
-    uint8_t* out = dst + (y - y0) * out_w * 3;
-    for (Py_ssize_t x = 0; x < out_w; ++x) {
-      const uint8_t* p = in + 3 * first[x];
-      const int32_t* k = weights + x * taps.ksize;
+    uint8_t* out = dst + (y - y0) * t.size * 3;
+    for (Py_ssize_t x = 0; x < t.size; ++x) {
+      const uint8_t* p = in + 3 * t.first[x];
+      const int32_t* k = t.of(x);
       int32_t r = 1 << (kPrecisionBits - 1), g = r, b = r;
-      for (int i = 0; i < count[x]; ++i) {
+      for (int i = 0; i < t.count[x]; ++i) {
         r += p[3 * i] * k[i];
         g += p[3 * i + 1] * k[i];
         b += p[3 * i + 2] * k[i];
@@ -227,7 +242,7 @@ void resample_cols_scalar(const Image& src, const Taps& taps, Py_ssize_t y0, Py_
   const Py_ssize_t n = src.width * 3;
   std::vector<int32_t> acc(n);
   for (Py_ssize_t y = y0; y < y1; ++y) {
-    const int32_t* k = &taps.weights[static_cast<size_t>(y) * taps.ksize];
+    const int32_t* k = taps.exact().of(y);
     std::fill(acc.begin(), acc.end(), 1 << (kPrecisionBits - 1));
     for (int i = 0; i < taps.count[y]; ++i) {
       const uint8_t* p = src.row(taps.first[y] + i);
@@ -264,7 +279,7 @@ void resample_cols_avx2(const Image& src, const Taps& taps, Py_ssize_t y0, Py_ss
   const Py_ssize_t n = src.width * 3;
   const __m256i half = _mm256_set1_epi32(1 << (kPrecisionBits - 1));
   for (Py_ssize_t y = y0; y < y1; ++y) {
-    const int32_t* k = &taps.weights[static_cast<size_t>(y) * taps.ksize];
+    const int32_t* k = taps.exact().of(y);
     const uint8_t* top = src.row(taps.first[y]);
     const int count = taps.count[y];
     uint8_t* out = dst + (y - y0) * n;
@@ -370,17 +385,13 @@ void scatter_columns(const uint8_t* cols, Py_ssize_t width, int rows, uint8_t* c
 // bytes in `done`.
 __attribute__((target("avx2")))
 inline void taps_exact(const uint8_t* cols, const Taps& taps, uint8_t* __restrict done) {
-  // Locals, not vector members: stores through uint8_t* may alias anything.
-  const Py_ssize_t out_w = static_cast<Py_ssize_t>(taps.first.size()), ksize = taps.ksize;
-  const int* const first = taps.first.data();
-  const int* const count = taps.count.data();
-  const int32_t* const weights = taps.weights.data();
+  const auto t = taps.exact();
   const __m256i half = _mm256_set1_epi32(1 << (kPrecisionBits - 1));
-  for (Py_ssize_t x = 0; x < out_w; ++x) {
-    const uint8_t* p = cols + static_cast<size_t>(first[x]) * kColumn;
-    const int32_t* k = weights + x * ksize;
+  for (Py_ssize_t x = 0; x < t.size; ++x) {
+    const uint8_t* p = cols + static_cast<size_t>(t.first[x]) * kColumn;
+    const int32_t* k = t.of(x);
     __m256i a = half, b = half, c = half;
-    for (int i = 0; i < count[x]; ++i, p += kColumn) {
+    for (int i = 0; i < t.count[x]; ++i, p += kColumn) {
       const __m256i w = _mm256_set1_epi32(k[i]);
       a = _mm256_add_epi32(a, _mm256_mullo_epi32(widen8(p), w));
       b = _mm256_add_epi32(b, _mm256_mullo_epi32(widen8(p + 8), w));
@@ -415,16 +426,13 @@ void pair_columns(const uint8_t* cols, Py_ssize_t width, uint8_t* pairs) {
 
 __attribute__((target("avx2")))
 inline void taps_fast16(const uint8_t* pairs, const Taps& taps, uint8_t* __restrict done) {
-  const Py_ssize_t out_w = static_cast<Py_ssize_t>(taps.first.size()), npairs = taps.npairs;
-  const int* const first = taps.first.data();
-  const int* const count = taps.count.data();
-  const int32_t* const weights = taps.pairs.data();
+  const auto t = taps.fast16();
   const __m256i half = _mm256_set1_epi32(1 << (kFastBits - 1));
-  for (Py_ssize_t x = 0; x < out_w; ++x) {
-    const uint8_t* p = pairs + static_cast<size_t>(first[x]) * 2 * kColumn;
-    const int32_t* w = weights + x * npairs;
+  for (Py_ssize_t x = 0; x < t.size; ++x) {
+    const uint8_t* p = pairs + static_cast<size_t>(t.first[x]) * 2 * kColumn;
+    const int32_t* w = t.of(x);
     __m256i a = half, b = half, c = half;
-    for (int i = 0; i < (count[x] + 1) / 2; ++i, p += 4 * kColumn) {
+    for (int i = 0; i < (t.count[x] + 1) / 2; ++i, p += 4 * kColumn) {
       const __m256i wv = _mm256_set1_epi32(w[i]);
       a = _mm256_add_epi32(a, _mm256_madd_epi16(widen16(p), wv));
       b = _mm256_add_epi32(b, _mm256_madd_epi16(widen16(p + 16), wv));
@@ -455,16 +463,13 @@ __attribute__((target("avx2"))) inline __m256i pack_sums8(__m256i lo, __m256i hi
 
 __attribute__((target("avx2")))
 inline void taps_fast8(const uint8_t* cols, const Taps& taps, uint8_t* __restrict done) {
-  const Py_ssize_t out_w = static_cast<Py_ssize_t>(taps.first.size()), npairs = taps.npairs;
-  const int* const first = taps.first.data();
-  const int* const count = taps.count.data();
-  const uint16_t* const weights = taps.bytes.data();
+  const auto t = taps.fast8();
   const __m256i half = _mm256_set1_epi16(1 << (kByteBits - 1));
-  for (Py_ssize_t x = 0; x < out_w; ++x) {
-    const uint8_t* p = cols + static_cast<size_t>(first[x]) * kColumn;
-    const uint16_t* w = weights + x * npairs;
+  for (Py_ssize_t x = 0; x < t.size; ++x) {
+    const uint8_t* p = cols + static_cast<size_t>(t.first[x]) * kColumn;
+    const uint16_t* w = t.of(x);
     __m256i lo = half, hi = half;
-    for (int i = 0; i < (count[x] + 1) / 2; ++i, p += 2 * kColumn)
+    for (int i = 0; i < (t.count[x] + 1) / 2; ++i, p += 2 * kColumn)
       madd_pairs8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kColumn)),
                   _mm256_set1_epi16(static_cast<int16_t>(w[i])), lo, hi);
@@ -523,7 +528,7 @@ void resample_cols_fast16(const Image& src, const Taps& taps, Py_ssize_t y0, Py_
   const __m256i half = _mm256_set1_epi32(1 << (kFastBits - 1)), zero = _mm256_setzero_si256();
   std::vector<const uint8_t*> rows(2 * taps.npairs);
   for (Py_ssize_t y = y0; y < y1; ++y) {
-    const int32_t* w = &taps.pairs[static_cast<size_t>(y) * taps.npairs];
+    const int32_t* w = taps.fast16().of(y);
     const int npairs = (taps.count[y] + 1) / 2;
     for (int i = 0; i < 2 * npairs; ++i)  // a padding tap (weight 0) rereads the last row
       rows[i] = src.row(taps.first[y] + std::min(i, taps.count[y] - 1));
@@ -601,7 +606,7 @@ void resample_cols_fast8(const Image& src, const Taps& taps, Py_ssize_t y0, Py_s
     const int npairs = (taps.count[y] + 1) / 2;
     for (int i = 0; i < 2 * npairs; ++i)  // a padding tap (weight 0) rereads the last row
       rows[i] = src.row(taps.first[y] + std::min(i, taps.count[y] - 1));
-    kRow[npairs - 1](rows, &taps.bytes[static_cast<size_t>(y) * taps.npairs], n, dst + (y - y0) * n);
+    kRow[npairs - 1](rows, taps.fast8().of(y), n, dst + (y - y0) * n);
   }
 }
 
