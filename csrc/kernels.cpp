@@ -14,7 +14,8 @@
 // AVX2 passes trade Pillow's 32-bit weights for 16- or 8-bit ones (see Kind), which do
 // two taps per instruction and stay within a level or two of Pillow. Plain CPython API
 // over the buffer protocol: no torch at build time, and the GIL is released while
-// working.
+// working. No C++ exception leaves an entry point: each becomes a Python exception
+// (see "C++ errors" below), so running out of memory is a MemoryError, not an abort.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -27,10 +28,15 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstring>
+#include <exception>
+#include <initializer_list>
 #include <iterator>
 #include <memory>
+#include <new>
 #include <numeric>
+#include <stdexcept>
 #include <vector>
 
 namespace {
@@ -984,7 +990,70 @@ PyObject* py_empty(PyObject*, PyObject* args) {
   return reinterpret_cast<PyObject*>(block);
 }
 
+// ---- C++ errors -> Python errors ----------------------------------------------
+// The passes allocate (taps, band buffers, scratch: see resize_bands), so they can throw
+// std::bad_alloc, and a C++ exception escaping a PyCFunction ends the process
+// (std::terminate: SIGABRT, a dead DataLoader worker). So every entry point is wrapped in
+// `guarded`, and the work done without the GIL runs through `without_gil`, which catches
+// there (an exception must not skip Py_END_ALLOW_THREADS) and sets the Python error once
+// the GIL is back.
+
+// Sets the Python error for a caught C++ exception (the GIL held): std::bad_alloc (and
+// bad_array_new_length) -> MemoryError, std::logic_error (length_error, invalid_argument,
+// out_of_range, domain_error: a request the kernel cannot serve) -> ValueError, anything
+// else -> RuntimeError; each with the exception's what().
+void set_python_error(const std::exception_ptr& error) noexcept {
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::bad_alloc& e) {
+    PyErr_Format(PyExc_MemoryError, "fastload._kernels: out of memory (%s)", e.what());
+  } catch (const std::logic_error& e) {
+    PyErr_Format(PyExc_ValueError, "fastload._kernels: %s", e.what());
+  } catch (const std::exception& e) {
+    PyErr_Format(PyExc_RuntimeError, "fastload._kernels: %s", e.what());
+  } catch (...) {
+    PyErr_SetString(PyExc_RuntimeError, "fastload._kernels: unknown C++ exception");
+  }
+}
+
+// Runs `work()` with the GIL released. False, with the Python error set, where it threw.
+template <typename Work>
+bool without_gil(Work&& work) {
+  std::exception_ptr error;
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    work();
+  } catch (...) {
+    error = std::current_exception();
+  }
+  Py_END_ALLOW_THREADS
+  if (!error) return true;
+  set_python_error(error);
+  return false;
+}
+
+// The PyCFunction `F` with whatever it throws while holding the GIL made a Python error.
+template <PyObject* (*F)(PyObject*, PyObject*)>
+PyObject* guarded(PyObject* self, PyObject* args) noexcept {
+  try {
+    return F(self, args);
+  } catch (...) {
+    set_python_error(std::current_exception());
+    return nullptr;
+  }
+}
+
 // ---- Python glue -----------------------------------------------------------
+
+// The product of positive sizes; false where it overflows Py_ssize_t (a wrapped byte count
+// could otherwise match a small buffer).
+bool product(std::initializer_list<Py_ssize_t> factors, Py_ssize_t* out) {
+  Py_ssize_t p = 1;
+  for (const Py_ssize_t f : factors)
+    if (__builtin_mul_overflow(p, f, &p)) return false;
+  *out = p;
+  return true;
+}
 
 // RAII holder for a Py_buffer.
 struct Buffer {
@@ -1003,6 +1072,10 @@ bool image_from_buffer(const Py_buffer& v, Image* img) {
   }
   if (v.shape[0] < 1 || v.shape[1] < 1) {
     PyErr_SetString(PyExc_ValueError, "image must not be empty");
+    return false;
+  }
+  if (v.shape[0] > INT_MAX || v.shape[1] > INT_MAX) {  // the taps count pixels in int
+    PyErr_SetString(PyExc_ValueError, "image is too large");
     return false;
   }
   *img = Image{static_cast<const uint8_t*>(v.buf), v.shape[0], v.shape[1]};
@@ -1028,14 +1101,17 @@ PyObject* py_resize(PyObject*, PyObject* args) {
   Buffer dst(dst_obj, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS);
   if (!dst.ok) return nullptr;
   Image img;
+  Py_ssize_t bytes;
   if (out_h < 1 || out_w < 1) return PyErr_Format(PyExc_ValueError, "bad output size");
-  if (!image_from_buffer(src.view, &img) || !check_size(dst.view, out_h * out_w * 3, "dst"))
-    return nullptr;
+  if (out_h > INT_MAX || out_w > INT_MAX || !product({out_h, out_w, 3}, &bytes))
+    return PyErr_Format(PyExc_ValueError, "output size %zdx%zd is too large", out_h, out_w);
+  if (!image_from_buffer(src.view, &img) || !check_size(dst.view, bytes, "dst")) return nullptr;
   uint8_t* out = static_cast<uint8_t*>(dst.view.buf);
-  Py_BEGIN_ALLOW_THREADS
-  resize_bands(img, out_h, out_w, 4 * kRowGroup, exact, out,
-               [](const uint8_t*, Py_ssize_t, Py_ssize_t) {});
-  Py_END_ALLOW_THREADS
+  if (!without_gil([&] {
+        resize_bands(img, out_h, out_w, 4 * kRowGroup, exact, out,
+                     [](const uint8_t*, Py_ssize_t, Py_ssize_t) {});
+      }))
+    return nullptr;
   Py_RETURN_NONE;
 }
 
@@ -1084,12 +1160,16 @@ PyObject* py_process(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "OOOOnnnnn|p", &src_obj, &out_obj, &lut_obj, &norm_obj, &out_h,
                         &out_w, &patch, &temporal, &merge, &exact))
     return nullptr;
-  const Py_ssize_t factor = patch * merge;
-  if (patch < 1 || temporal < 1 || merge < 1 || out_h < factor || out_w < factor ||
-      out_h % factor || out_w % factor)
+  Py_ssize_t factor;
+  if (patch < 1 || temporal < 1 || merge < 1 || !product({patch, merge}, &factor))
+    return PyErr_Format(PyExc_ValueError, "bad patch layout (patch %zd, temporal %zd, merge %zd)",
+                        patch, temporal, merge);
+  if (out_h < factor || out_w < factor || out_h % factor || out_w % factor)
     return PyErr_Format(PyExc_ValueError,
                         "output size %zdx%zd is not a positive multiple of patch*merge=%zd",
                         out_h, out_w, factor);
+  if (out_h > INT_MAX || out_w > INT_MAX)
+    return PyErr_Format(PyExc_ValueError, "output size %zdx%zd is too large", out_h, out_w);
   Buffer src(src_obj, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT);
   if (!src.ok) return nullptr;
   Buffer out(out_obj, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS);
@@ -1104,16 +1184,19 @@ PyObject* py_process(PyObject*, PyObject* args) {
   const Py_ssize_t item = table_item(lut);
   if (!item) return nullptr;
   const PatchLayout L{patch, temporal, merge, out_w / patch};
-  if (!check_size(out.view, (out_h / patch) * L.grid_w * L.row_len() * item, "out"))
+  Py_ssize_t bytes;  // patches * 3 * temporal * patch^2 values of `item` bytes
+  if (!product({out_h / patch, L.grid_w, 3, temporal, patch, patch, item}, &bytes))
+    return PyErr_Format(PyExc_ValueError, "output size %zdx%zd is too large", out_h, out_w);
+  if (!check_size(out.view, bytes, "out")) return nullptr;
+  if (!without_gil([&] {
+        if (item == 4)
+          run_fused(img, out_h, out_w, L, exact, static_cast<const float*>(lut.view.buf), norm,
+                    static_cast<float*>(out.view.buf));
+        else
+          run_fused(img, out_h, out_w, L, exact, static_cast<const uint16_t*>(lut.view.buf),
+                    norm, static_cast<uint16_t*>(out.view.buf));
+      }))
     return nullptr;
-  Py_BEGIN_ALLOW_THREADS
-  if (item == 4)
-    run_fused(img, out_h, out_w, L, exact, static_cast<const float*>(lut.view.buf), norm,
-              static_cast<float*>(out.view.buf));
-  else
-    run_fused(img, out_h, out_w, L, exact, static_cast<const uint16_t*>(lut.view.buf),
-              norm, static_cast<uint16_t*>(out.view.buf));
-  Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
 
@@ -1148,21 +1231,22 @@ PyObject* py_simd(PyObject*, PyObject* args) {
   return PyBool_FromLong(g_simd);
 }
 
+// Every entry point guarded: no C++ exception reaches Python's C code.
 PyMethodDef kMethods[] = {
-    {"simd", py_simd, METH_VARARGS,
+    {"simd", guarded<py_simd>, METH_VARARGS,
      "simd(enabled=None) -> bool: whether the AVX2 resize passes are used; pass False for the "
      "portable loops (True is granted only on CPUs with AVX2)."},
-    {"resize", py_resize, METH_VARARGS,
+    {"resize", guarded<py_resize>, METH_VARARGS,
      "resize(src, dst, out_h, out_w, exact=True): bicubic resize of a C-contiguous "
      "uint8 (H, W, 3) image into a contiguous uint8 buffer; Pillow-identical unless "
      "exact is False (then the cheaper pass order and, with AVX2, 16- or 8-bit weights)."},
-    {"process", py_process, METH_VARARGS,
+    {"process", guarded<py_process>, METH_VARARGS,
      "process(src, out, lut, norm, out_h, out_w, patch, temporal, merge, exact=True): fused "
      "resize, normalize and Qwen2-VL patchify into `out`."},
-    {"empty", py_empty, METH_VARARGS,
+    {"empty", guarded<py_empty>, METH_VARARGS,
      "empty(nbytes) -> Block: uninitialized memory exposing the buffer protocol, reusing the "
      "largest freed block when it fits (no page faults for repeated large outputs)."},
-    {"computes_table", py_computes_table, METH_VARARGS,
+    {"computes_table", guarded<py_computes_table>, METH_VARARGS,
      "computes_table(lut, norm) -> bool: whether process() computes these normalized values "
      "in vectors (it does only where that reproduces `lut` bit for bit) rather than looking them up."},
     {nullptr, nullptr, 0, nullptr}};

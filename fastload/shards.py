@@ -1,10 +1,12 @@
-"""WebDataset tar shards -> raw samples: url expansion, rank/worker split, grouping, shuffling.
+"""WebDataset tar shards -> samples: url expansion, tar reading under the error policy, the
+rank/worker split (even across DDP ranks), shuffling, and the origins an exact resume records.
 
 Samples are grouped exactly as webdataset groups them (key = member path up to the first
 dot of the basename), so shards written by either library read the same in both.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -18,21 +20,10 @@ import torch.distributed as dist
 from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .errors import Skip, check_policy, resolve, skip_for
+from .progress import Origin, Progress
+
 Sample = dict
-
-
-# -- error handlers (webdataset's policy: return True to continue, raise to stop) --------
-def reraise(exn: BaseException) -> bool:
-    raise exn
-
-
-def warn_and_continue(exn: BaseException) -> bool:
-    warnings.warn(f"fastload: skipping after {type(exn).__name__}: {exn}", stacklevel=2)
-    return True
-
-
-def ignore_and_continue(exn: BaseException) -> bool:
-    return True
 
 
 # -- urls ----------------------------------------------------------------------------
@@ -123,18 +114,35 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular file in a tar stream, read sequentially.
+class ShardError(ValueError):
+    """A shard that cannot be read on: the rest of it is lost (``cause`` names why)."""
+
+    def __init__(self, cause: str, message: str):
+        super().__init__(message)
+        self.cause = cause
+
+
+class MemberError(ValueError):
+    """A tar member that belongs to no well-formed sample: that sample is lost."""
+
+    cause = "corrupt member"
+
+
+def tar_entries(stream, url: str, with_data: bool = True) -> Iterator[tuple[str, bytes | None]]:
+    """(name, bytes) of each regular file in a tar stream, read sequentially; with
+    ``with_data=False`` the bytes are skipped (seeked over where possible) and None.
 
     A small reader of its own (ustar, GNU long names, pax paths) rather than ``tarfile``,
     because tarfile's stream mode ends quietly at a truncation: here a tar that stops
-    before its end-of-archive blocks, or a header with a bad checksum, is an error.
+    before its end-of-archive blocks, or a header with a bad checksum, is a ShardError.
     """
     long_name = None
+    seekable = not with_data and getattr(stream, "seekable", lambda: False)()
     while True:
         header = _read_exact(stream, _BLOCK)
         if len(header) < _BLOCK:
-            raise ValueError(f"{url}: truncated tar (ends inside a header, no end-of-archive marker)")
+            raise ShardError("truncated shard", f"{url}: truncated tar (ends inside a header, "
+                             "no end-of-archive marker)")
         if header == bytes(_BLOCK):
             return  # end-of-archive marker
         checksum = sum(header[:148]) + 256 + sum(header[156:])
@@ -143,17 +151,25 @@ def tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
         except ValueError:
             valid = False
         if not valid:
-            raise ValueError(f"{url}: corrupt tar header (bad checksum)")
+            raise ShardError("corrupt shard", f"{url}: corrupt tar header (bad checksum)")
         size, kind = _octal(header[124:136]), header[156:157]
-        data = _read_exact(stream, size)
-        if len(data) < size:
-            raise ValueError(f"{url}: truncated tar (member data cut short)")
-        _read_exact(stream, -size % _BLOCK)
+        padded = size + (-size % _BLOCK)
+        meta = kind in (b"L", b"x")
+        if seekable and not meta:
+            data = None
+            end = stream.seek(padded, io.SEEK_CUR)
+            if end > _stream_size(stream):
+                raise ShardError("truncated shard", f"{url}: truncated tar (member data cut short)")
+        else:
+            data = _read_exact(stream, size)
+            if len(data) < size:
+                raise ShardError("truncated shard", f"{url}: truncated tar (member data cut short)")
+            _read_exact(stream, padded - size)
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
         prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
         if prefix:
             name = prefix.decode("utf-8", "replace") + "/" + name
-        if kind in (b"L", b"x"):
+        if meta:
             long_name = data.split(b"\0", 1)[0].decode("utf-8") if kind == b"L" else _pax_path(data)
             continue
         if kind in (b"0", b"\0", b"7"):
@@ -161,41 +177,103 @@ def tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
         long_name = None
 
 
-def group_samples(members: Iterable[tuple[str, bytes]], url: str,
-                  handler: Callable = reraise) -> Iterator[Sample]:
-    """Consecutive members with the same key form one sample (webdataset's rule)."""
+def _stream_size(stream) -> int:
+    size = getattr(stream, "_fastload_size", None)
+    if size is None:
+        here = stream.tell()
+        size = stream.seek(0, io.SEEK_END)
+        stream.seek(here)
+        try:
+            stream._fastload_size = size
+        except AttributeError:
+            pass
+    return size
+
+
+def group_samples(members: Iterable[tuple[str, bytes | None]], url: str
+                  ) -> Iterator[tuple[Sample, MemberError | None]]:
+    """Consecutive members with the same key form one sample (webdataset's rule).
+
+    Yields ``(sample, None)``, or ``(partial sample, error)`` for a sample that holds a
+    duplicate member or for a member with no ``key.extension`` name (a sample of its own):
+    each occupies one sample position, so positions agree with :func:`count_samples`.
+    """
     current: Sample | None = None
+    error: MemberError | None = None
     for name, data in members:
         parts = split_key(name)
         if parts is None:
-            if handler(ValueError(f"{url}: member {name!r} has no key.extension name")):
-                continue
+            if current is not None:
+                yield current, error
+                current, error = None, None
+            yield {"__key__": name, "__url__": url}, MemberError(f"{url}: member {name!r} has no "
+                                                                 "key.extension name")
+            continue
         key, ext = parts[0], parts[1].lower()
         if current is not None and current["__key__"] != key:
-            yield current
-            current = None
+            yield current, error
+            current, error = None, None
         if current is None:
             current = {"__key__": key, "__url__": url}
-        if ext in current:
-            if handler(ValueError(f"{url}: duplicate member {name!r} in sample {key!r}")):
-                continue
+        if ext in current and error is None:
+            error = MemberError(f"{url}: duplicate member {name!r} in sample {key!r}")
         current[ext] = data
     if current is not None:
-        yield current
+        yield current, error
 
 
-def read_shard(url: str, handler: Callable = reraise) -> Iterator[Sample]:
-    """Samples of one shard; errors go to ``handler`` (a skipped shard ends where it broke)."""
+def count_samples(url: str) -> int:
+    """Samples in one shard, from its tar headers alone (member data is seeked over). A
+    shard that breaks off counts the sample it breaks off in: reading it then loses (and
+    counts) exactly that one."""
+    n = 0
+    with open_url(url) as stream:
+        try:
+            for _ in group_samples(tar_entries(stream, url, with_data=False), url):
+                n += 1
+        except ShardError:
+            n += 1
+    return n
+
+
+# -- reading a piece of a shard under the error policy -----------------------------------
+Piece = tuple  # (url, start, stop | None, copy): samples [start, stop) of a shard
+
+
+def _lost(url: str, start: int, stop: int | None, copy: int, skip: Skip) -> Iterator[tuple[Origin, Skip]]:
+    """The rest of a piece that cannot be read: one skip per sample when the count is
+    known (so batch boundaries stay put), else one for the whole rest."""
+    for index in range(start, start + 1 if stop is None else stop):
+        yield (url, index, copy), skip
+
+
+def read_piece(piece: Piece, policy: str) -> Iterator[tuple[Origin, Sample | Skip]]:
+    """``(origin, sample)`` for each sample of the piece; under ``skip``/``warn`` a bad
+    sample becomes a :class:`Skip` in its place and a broken shard ends the piece."""
+    url, start, stop, copy = piece
     try:
         stream = open_url(url)
     except Exception as exc:
-        if handler(exc):
-            return
+        skip = skip_for(exc, url, f"shard {url}", policy, cause="unreadable shard")
+        yield from _lost(url, start, stop, copy, skip)
+        return
+    index = -1
     try:
-        yield from group_samples(tar_members(stream, url), url, handler)
-    except ValueError as exc:
-        if handler(exc):
-            return
+        for index, (sample, error) in enumerate(group_samples(tar_entries(stream, url), url)):
+            if index < start:
+                continue
+            if stop is not None and index >= stop:
+                return
+            if error is not None:
+                yield (url, index, copy), skip_for(error, url, f"sample {sample['__key__']!r}", policy)
+            else:
+                yield (url, index, copy), sample
+        if stop is not None and index + 1 < stop:
+            raise ShardError("shard shorter than its count",
+                             f"{url}: {index + 1} samples, its manifest says {stop}")
+    except ShardError as exc:
+        skip = skip_for(exc, url, f"the rest of {url}", policy)
+        yield from _lost(url, max(start, index + 1), stop, copy, skip)
     finally:
         stream.close()
 
@@ -212,16 +290,57 @@ def worker_and_count() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def shuffle_buffer(samples: Iterable[Sample], size: int, rng: random.Random) -> Iterator[Sample]:
-    """A bounded shuffle: fill ``size`` samples, then emit a random one per new arrival."""
-    buf: list[Sample] = []
-    for sample in samples:
+def take(pieces: list[Piece], a: int, b: int) -> list[Piece]:
+    """Positions ``[a, b)`` of the pieces' concatenated samples; past the end the sequence
+    starts over, as a repeat (``copy`` + 1 per round): DistributedSampler's padding."""
+    total = sum(p[2] - p[1] for p in pieces)
+    out: list[Piece] = []
+    if total == 0 or a >= b:
+        return out
+    for rnd in range(a // total, (b - 1) // total + 1):
+        lo, hi, pos = a - rnd * total, b - rnd * total, 0
+        for url, start, stop, copy in pieces:
+            n = stop - start
+            s, e = max(lo, pos), min(hi, pos + n)
+            if s < e:
+                out.append((url, start + s - pos, start + e - pos, copy + rnd))
+            pos += n
+    return out
+
+
+def split_even(pieces: list[Piece], parts: int, part: int, policy: str) -> list[Piece]:
+    """Part ``part`` of ``parts`` contiguous, equal shares of the pieces' samples.
+
+    ``"repeat"``: every share has ``ceil(total / parts)``, the last ones completed with the
+    first samples again; ``"drop"``: ``floor(total / parts)``, at most ``parts - 1`` samples
+    left out (the last ones); ``"split"``: shares that differ by at most one, nothing added
+    or left out (the split of one rank's share among its workers).
+    """
+    total = sum(p[2] - p[1] for p in pieces)
+    if policy == "split":
+        q, r = divmod(total, parts)
+        a = part * q + min(part, r)
+        return take(pieces, a, a + q + (part < r))
+    q = -(-total // parts) if policy == "repeat" else total // parts
+    return take(pieces, part * q, (part + 1) * q)
+
+
+def remaining(pieces: list[Piece], progress: Progress) -> list[Piece]:
+    """The pieces less what ``progress`` says was delivered (repeats are never owed)."""
+    return [(url, a, b, 0) for url, start, stop, copy in pieces if copy == 0
+            for a, b in progress.done(url).gaps(start, stop)]
+
+
+def shuffle_buffer(items: Iterable, size: int, rng: random.Random) -> Iterator:
+    """A bounded shuffle: fill ``size`` items, then emit a random one per new arrival."""
+    buf: list = []
+    for item in items:
         if len(buf) < size:
-            buf.append(sample)
+            buf.append(item)
             continue
         i = rng.randrange(size)
-        buf[i], sample = sample, buf[i]
-        yield sample
+        buf[i], item = item, buf[i]
+        yield item
     rng.shuffle(buf)
     yield from buf
 
@@ -238,100 +357,167 @@ def find_manifest(urls: list[str]) -> dict | None:
         return json.load(f)
 
 
-class ShardDataset(IterableDataset):
-    """A torch IterableDataset over WebDataset tar shards yielding raw sample dicts.
+def _is_local(url: str) -> bool:
+    return not url.startswith("pipe:") and ("://" not in url or url.startswith("file://"))
 
-    Shards are shuffled by ``(seed, epoch)`` and split across DDP ranks and DataLoader
-    workers, so each sample is read exactly once per epoch; ``shuffle=N`` adds a bounded
-    sample shuffle buffer. ``transform`` runs on each sample inside the worker.
+
+_EVEN = ("repeat", "drop", None)
+
+
+class ShardDataset(IterableDataset):
+    """A torch IterableDataset over WebDataset tar shards yielding raw sample dicts
+    (or ``transform(sample)``, run inside the worker).
+
+    Each epoch's shard order is shuffled by ``(seed, epoch)``; ``shuffle=N`` adds a bounded
+    sample shuffle buffer per worker. Samples are split across DDP ranks and DataLoader
+    workers so that each is read once per epoch. With several ranks, ``even_ranks`` makes
+    every rank read the same number of samples (and its workers equal shares of them), so
+    every rank yields the same number of batches and none waits in a collective forever:
+    ``"repeat"`` (default, as ``DistributedSampler``) completes the last ranks' shares with
+    the epoch's first samples, ``"drop"`` leaves out at most ``world_size - 1`` samples
+    (the epoch's last); ``None`` deals whole shards (``urls[rank::world]``), uneven.
+    Evening needs each shard's sample count: from ``PREFIX.manifest.json`` when present,
+    else read from the tar headers once.
+
+    ``on_error`` (default: the loader's) decides what a bad sample or shard costs; see
+    :mod:`fastload.errors`.
     """
 
     def __init__(self, urls: str | Iterable[str], *, shuffle: int = 0, seed: int = 0,
                  resampled: bool = False, transform: Callable | None = None,
-                 handler: Callable = reraise):
+                 on_error: str | None = None, even_ranks: str | None = "repeat"):
         self.urls = expand_urls(urls)
         if not self.urls:
             raise ValueError(f"no shards match {urls!r}")
+        if even_ranks not in _EVEN:
+            raise ValueError(f"even_ranks must be one of {_EVEN}, got {even_ranks!r}")
         self.shuffle, self.seed, self.resampled = shuffle, seed, resampled
-        self.transform, self.handler = transform, handler
+        self.transform, self.on_error = transform, check_policy(on_error)
+        self.even_ranks = even_ranks
         self.epoch = 0
+        self.skipped = 0  # skips seen by plain iteration (the loader counts its own)
         self._warned_idle = False
-        self.consumed = 0  # raw samples this process's stream has produced (for exact resume)
         manifest = find_manifest(self.urls)
-        self._counts = self._shard_counts(manifest) if manifest else None
+        self._counts = self._manifest_counts(manifest) if manifest else None
 
-    def _shard_counts(self, manifest: dict) -> dict[str, int] | None:
+    def _manifest_counts(self, manifest: dict) -> dict[str, int] | None:
         by_name = {s["name"]: s["samples"] for s in manifest.get("shards", [])}
         counts = {u: by_name.get(os.path.basename(u)) for u in self.urls}
         return counts if all(v is not None for v in counts.values()) else None
 
+    def counts(self) -> dict[str, int]:
+        """Samples per shard: the manifest's, else counted from the tar headers (once)."""
+        if self._counts is None:
+            self._counts = {u: count_samples(u) for u in self.urls}
+        return self._counts
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def rank_shards(self) -> list[str]:
-        """This rank's shards for the current epoch, in reading order."""
+    def fingerprint(self) -> dict:
+        """What a saved position depends on: resuming into another dataset is refused."""
+        digest = hashlib.sha256("\n".join(self.urls).encode()).hexdigest()[:16]
+        return {"urls": digest, "shards": len(self.urls), "seed": self.seed, "shuffle": self.shuffle,
+                "even_ranks": self.even_ranks, "resampled": self.resampled}
+
+    def epoch_shards(self) -> list[str]:
+        """Every shard, in this epoch's reading order."""
         urls = list(self.urls)
         if self.shuffle:
             random.Random(f"{self.seed}/{self.epoch}").shuffle(urls)
-        rank, world = rank_and_world()
-        return urls[rank::world]
+        return urls
 
-    def worker_shards(self) -> list[str]:
-        shards = self.rank_shards()
+    def _even(self, world: int) -> str | None:
+        return self.even_ranks if world > 1 and not self.resampled else None
+
+    def _rank_part(self, pieces: list[Piece], rank: int, world: int) -> list[Piece]:
+        even = self._even(world)
+        return split_even(pieces, world, rank, even) if even else pieces[rank::world]
+
+    def _worker_part(self, pieces: list[Piece], world: int) -> list[Piece]:
         worker, workers = worker_and_count()
-        _, world = rank_and_world()
-        if len(self.urls) < world * workers and worker == 0 and not self._warned_idle:
+        if len(pieces) < workers and worker == 0 and not self._warned_idle and not self._even(world):
             self._warned_idle = True
-            warnings.warn(f"fastload: {len(self.urls)} shards for {world} ranks x {workers} workers: "
-                          "some workers get no shard and sit idle", stacklevel=2)
-        return shards[worker::workers]
+            warnings.warn(f"fastload: {len(pieces)} shards for {workers} workers of this rank: "
+                          "some workers get no shard and sit idle", stacklevel=3)
+        if self._even(world):
+            return split_even(pieces, workers, worker, "split")
+        return pieces[worker::workers]
 
-    def __len__(self) -> int:
-        if self._counts is None:
-            raise TypeError("len() needs the shards' manifest (PREFIX.manifest.json)")
-        if self.resampled:
-            raise TypeError("a resampled ShardDataset has no length")
-        return sum(self._counts[u] for u in self.rank_shards())
+    def pieces(self, resume: dict | None = None) -> list[Piece]:
+        """This rank's and worker's share of the epoch, as pieces of shards, in reading order.
+
+        ``resume`` (from the loader) with ``mode="rank"`` deals out again what this rank had
+        left (another worker count); ``mode="all"`` what all ranks had left (another world
+        size). Both need exact shard counts; ``mode="exact"`` replays the same share.
+        """
+        rank, world = rank_and_world()
+        mode = resume["mode"] if resume else "exact"
+        need_counts = self._even(world) or mode != "exact"
+        counts = self.counts() if need_counts else {}
+        full = [(u, 0, counts.get(u), 0) for u in self.epoch_shards()]
+        if mode == "exact":
+            mine = self._rank_part(full, rank, world)
+        else:
+            progress = Progress.from_states(*resume["progress"])
+            if mode == "rank":
+                mine = remaining(self._rank_part(full, rank, world), progress)
+            else:
+                mine = self._rank_part(remaining(full, progress), rank, world)
+        return self._worker_part(mine, world)
 
     def _rng(self, stream: str) -> random.Random:
         rank, _ = rank_and_world()
         worker, _ = worker_and_count()
         return random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}/{stream}")
 
-    def raw_samples(self) -> Iterator[Sample]:
-        """This worker's raw samples for the epoch, before ``transform``."""
+    def _raw(self, pieces: list[Piece], policy: str) -> Iterator[tuple[Origin, Sample | Skip]]:
         if self.resampled:
-            rng, urls = self._rng("resample"), self.urls
-            shards = (rng.choice(urls) for _ in iter(int, 1))
-        else:
-            shards = self.worker_shards()
-        samples = (s for url in shards for s in read_shard(url, self.handler))
+            rng = self._rng("resample")
+            pieces = ((rng.choice(self.urls), 0, None, 0) for _ in iter(int, 1))
+        events = (event for piece in pieces for event in read_piece(piece, policy))
         if self.shuffle:
-            samples = shuffle_buffer(samples, self.shuffle, self._rng("samples"))
-        return samples
+            events = shuffle_buffer(events, self.shuffle, self._rng("samples"))
+        return events
 
-    def __iter__(self) -> Iterator:
-        return self.iter_from(0)
+    def stream(self, on_error: str | None = None, resume: dict | None = None
+               ) -> Iterator[tuple[Origin, object]]:
+        """``(origin, item)`` for every sample of this worker's share, where ``item`` is the
+        transformed sample or a :class:`~fastload.errors.Skip` in its place.
 
-    def iter_from(self, skip: int) -> Iterator:
-        """The stream after its first ``skip`` raw samples (read, not transformed): an exact
-        resume costs only tar reading for what was already delivered."""
-        samples = self.raw_samples()
-        self.consumed = 0
-        for _ in range(skip):
-            if next(samples, None) is None:
-                return
-            self.consumed += 1
-        for sample in samples:
-            self.consumed += 1
-            if self.transform is None:
-                yield sample
+        The loader reads this rather than ``iter()``: origins are what its resume state
+        records, and skips keep their place so that batch boundaries do not move. With an
+        ``exact`` resume the same stream is replayed (tar reading only) and what was
+        delivered is left out after the shuffle buffer, so the rest comes in the same order.
+        """
+        policy = resolve(self.on_error, on_error)
+        events = self._raw(self.pieces(resume), policy)
+        if resume is not None and resume["mode"] == "exact":
+            done = Progress.from_states(*resume["progress"])
+            events = (event for event in events if event[0] not in done)
+        for origin, item in events:
+            if isinstance(item, Skip) or self.transform is None:
+                yield origin, item
                 continue
             try:
-                out = self.transform(sample)
+                out = self.transform(item)
             except Exception as exc:
-                if self.handler(exc):
-                    continue
-                raise
-            if out is not None:
-                yield out
+                out = skip_for(exc, origin[0], f"sample {item['__key__']!r} of {origin[0]}", policy)
+            yield origin, Skip("filtered by transform", origin[0]) if out is None else out
+
+    def __iter__(self) -> Iterator:
+        for _, item in self.stream():
+            if isinstance(item, Skip):
+                self.skipped += 1
+            else:
+                yield item
+
+    def __len__(self) -> int:
+        if self.resampled:
+            raise TypeError("a resampled ShardDataset has no length")
+        if self._counts is None and not all(_is_local(u) for u in self.urls):
+            raise TypeError("len() of remote shards needs their manifest (PREFIX.manifest.json)")
+        rank, world = rank_and_world()
+        counts = self.counts()
+        full = [(u, 0, counts[u], 0) for u in self.epoch_shards()]
+        return sum(b - a for _, a, b, _ in self._rank_part(full, rank, world))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .decode import as_bytes, check_pixels, read_header
+from .errors import check_policy
 from .loader.worker import pending_pixels_ok
 from .tokenizer import load_tokenizer
 from .vision import Qwen2VLImageProcessor, VisionConfig, num_image_tokens
@@ -28,6 +29,17 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 IMAGE_PLACEHOLDER = "<image>"
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
 _IMAGE_KEY = re.compile(r"^(?:(\d+)\.)?(jpg|jpeg|png|webp|gif|bmp|tif|tiff|mpo)$")
+
+#: Special tokens only the chat template places: the turn delimiters, the vision markers and
+#: pads of an image or video slot, and the end-of-text/pad token. Literal in a message, a role or
+#: the system prompt, the tokenizer would turn them into the real tokens, forging turn
+#: boundaries or image slots (an extra ``<|image_pad|>`` has no image to fill it), so such a
+#: sample is a :class:`SampleError`. The other added tokens are text Qwen2.5-VL reads and
+#: writes: grounding (``<|object_ref_start|>``, ``<|box_start|>``, ``<|quad_start|>``, ...),
+#: ``<tool_call>``, the ``<|fim_*|>`` tokens; they pass through as the reference tokenizes them.
+RESERVED_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", VISION_START, VISION_END,
+                   "<|vision_pad|>", IMAGE_PAD, "<|video_pad|>")
+_RESERVED = re.compile("|".join(map(re.escape, RESERVED_TOKENS)))
 
 
 class SampleError(ValueError):
@@ -75,13 +87,11 @@ class Qwen2VLTransform:
     def __init__(self, processor_dir, *, min_pixels: int | None = None, max_pixels: int | None = None,
                  cutoff_len: int = 4096, train_on_prompt: bool = False, mask_history: bool = False,
                  default_system: str | None = None, dtype: torch.dtype = torch.float32,
-                 on_error: str = "raise", exact: bool = False):
-        if on_error not in ("raise", "skip", "warn"):
-            raise ValueError("on_error must be 'raise', 'skip' or 'warn'")
+                 on_error: str | None = None, exact: bool = False):
         self.processor_dir = str(processor_dir)
         self.cutoff_len, self.train_on_prompt, self.mask_history = cutoff_len, train_on_prompt, mask_history
         self.default_system = DEFAULT_SYSTEM if default_system is None else default_system
-        self.dtype, self.on_error = dtype, on_error
+        self.dtype, self.on_error = dtype, check_policy(on_error)
         overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         self.vision_config = VisionConfig.from_pretrained(self.processor_dir, **overrides)
         self.image_processor = Qwen2VLImageProcessor(
@@ -119,6 +129,12 @@ class Qwen2VLTransform:
             if not isinstance(content, str) or "role" not in m:
                 raise SampleError(f"message without role/content in sample {sample.get('__key__')!r}")
             turns.append(Turn(m["role"], content, content.count(IMAGE_PLACEHOLDER)))
+        for turn in turns:
+            for field in (turn.role, turn.content):
+                found = _RESERVED.search(field) if isinstance(field, str) else None
+                if found:
+                    raise SampleError(f"sample {sample.get('__key__')!r}: a {turn.role!r} message holds the "
+                                      f"special token {found.group()!r}, which only the chat template may place")
         placeholders = sum(t.images for t in turns)
         if placeholders != len(images):
             raise SampleError(f"sample {sample.get('__key__')!r}: {placeholders} <image> placeholders "
@@ -134,13 +150,19 @@ class Qwen2VLTransform:
             counts.append(num_image_tokens(*header.size, self.vision_config))
         return counts
 
-    def _turn_ids(self, turn: Turn, pad_counts) -> tuple[list[int], list[int]]:
+    def _turn_ids(self, turn: Turn, pad_counts, key=None) -> tuple[list[int], list[int]]:
         """(prefix ids, body ids) with each image's pad run expanded to its token count."""
         prefix = self.encode(f"<|im_start|>{turn.role}\n")
         body_text = turn.content.replace(IMAGE_PLACEHOLDER, VISION_START + IMAGE_PAD + VISION_END)
         body = []
         for token in self.encode(body_text + "<|im_end|>\n"):
-            body.extend([token] * next(pad_counts) if token == self._ids[IMAGE_PAD] else [token])
+            if token != self._ids[IMAGE_PAD]:
+                body.append(token)
+                continue
+            count = next(pad_counts, None)  # never a bare StopIteration: it could end a loader's epoch
+            if count is None:
+                raise SampleError(f"sample {key!r}: more {IMAGE_PAD!r} tokens than images")
+            body.extend([token] * count)
         return prefix, body
 
     def _fit(self, turns: list[Turn], lengths: list[int], key) -> int:
@@ -174,7 +196,7 @@ class Qwen2VLTransform:
         """(input_ids, labels, images kept) for a sample, truncated by whole exchanges."""
         turns, images = self.turns(sample)
         pad_counts = iter(self.image_tokens(images))
-        pieces = [self._turn_ids(t, pad_counts) for t in turns]
+        pieces = [self._turn_ids(t, pad_counts, sample.get("__key__")) for t in turns]
         keep = self._fit(turns, [len(p) + len(b) for p, b in pieces], sample.get("__key__"))
         turns, pieces = turns[:keep], pieces[:keep]
         ids = [tok for prefix, body in pieces for tok in prefix + body]
@@ -202,8 +224,8 @@ class Qwen2VLTransform:
             ids, labels, images = self.tokenize(sample)
             pixels = self._pixels(images)
         except Exception as exc:
-            if self.on_error == "raise":
-                raise
+            if self.on_error in (None, "raise"):
+                raise  # None: the dataset's or loader's policy decides, and counts the cause
             self.skipped += 1
             if self.on_error == "warn":
                 log.warning("skipping sample %r: %s", sample.get("__key__"), exc)

@@ -12,7 +12,7 @@ import torch
 import webdataset as wds
 
 import fastload
-from fastload.shards import ShardDataset, expand_urls, ignore_and_continue, split_key, warn_and_continue
+from fastload.shards import ShardDataset, expand_urls, split_key
 from fastload.writer import ShardWriter
 
 
@@ -88,8 +88,10 @@ def test_len_from_manifest_and_no_manifest(tmp_path):
     urls = make_shards(tmp_path)
     assert len(ShardDataset(urls)) == 20
     os.remove(tmp_path / "data.manifest.json")
+    assert len(ShardDataset(urls)) == 20  # counted from the tar headers
+    piped = [f"pipe:cat {u}" for u in ShardDataset(urls).urls]
     with pytest.raises(TypeError, match="manifest"):
-        len(ShardDataset(urls))
+        len(ShardDataset(piped))
 
 
 @pytest.mark.parametrize("workers,world", [(0, 1), (2, 1), (2, 3), (3, 2)])
@@ -99,7 +101,7 @@ def test_each_sample_once_per_epoch_across_ranks_and_workers(tmp_path, monkeypat
     for rank in range(world):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", str(world))
-        ds = ShardDataset(urls, shuffle=4, seed=1)
+        ds = ShardDataset(urls, shuffle=4, seed=1, even_ranks=None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
@@ -154,12 +156,12 @@ def _truncated(tmp_path) -> str:
     return bad
 
 
-def test_truncated_tar(tmp_path):
+def test_truncated_tar(tmp_path, caplog):
     bad = _truncated(tmp_path)
     with pytest.raises(ValueError, match="truncated"):
         list(ShardDataset(bad))
-    with pytest.warns(UserWarning, match="skipping"):
-        partial = list(ShardDataset(bad, handler=warn_and_continue))
+    partial = list(ShardDataset(bad, on_error="warn"))
+    assert "skipping the rest of" in caplog.text and "truncated shard" in caplog.text
     assert 0 < len(partial) < 20
     assert all(s["txt"] == f"sample {int(s['cls'])}".encode() for s in partial)
 
@@ -167,7 +169,7 @@ def test_truncated_tar(tmp_path):
 def test_truncated_shard_does_not_stop_the_next(tmp_path):
     bad = _truncated(tmp_path)
     good = make_shards(tmp_path, n_shards=1, prefix="good")[0]
-    keys = [s["__key__"] for s in ShardDataset([bad, good], handler=ignore_and_continue)]
+    keys = [s["__key__"] for s in ShardDataset([bad, good], on_error="skip")]
     assert keys[-5:] == [f"s{i:04d}" for i in range(5)]
 
 
@@ -180,12 +182,12 @@ def test_member_without_key_and_garbage(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     with pytest.raises(ValueError, match="no key"):
         list(ShardDataset(path))
-    assert [s["__key__"] for s in ShardDataset(path, handler=ignore_and_continue)] == ["a", "b"]
+    assert [s["__key__"] for s in ShardDataset(path, on_error="skip")] == ["a", "b"]
     junk = tmp_path / "junk.tar"
     junk.write_bytes(os.urandom(5000))
     with pytest.raises(ValueError):
         list(ShardDataset(str(junk)))
-    assert list(ShardDataset(str(junk), handler=ignore_and_continue)) == []
+    assert list(ShardDataset(str(junk), on_error="skip")) == []
 
 
 def test_missing_shard_and_no_match(tmp_path):
@@ -195,7 +197,7 @@ def test_missing_shard_and_no_match(tmp_path):
         ShardDataset([])
 
 
-def test_transform_errors_follow_handler(tmp_path):
+def test_transform_errors_follow_the_policy(tmp_path):
     urls = make_shards(tmp_path, n_shards=1)
 
     def picky(sample):
@@ -205,7 +207,7 @@ def test_transform_errors_follow_handler(tmp_path):
 
     with pytest.raises(KeyError):
         list(ShardDataset(urls, transform=picky))
-    assert list(ShardDataset(urls, transform=picky, handler=ignore_and_continue)) == [0, 1, 3, 4]
+    assert list(ShardDataset(urls, transform=picky, on_error="skip")) == [0, 1, 3, 4]
 
 
 def test_public_api_exports():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import subprocess
 import sys
 
@@ -243,3 +244,59 @@ def test_collator_layout(processor_dir, mllm_demo, transform):
     assert torch.equal(batch["image_grid_thw"], torch.cat([e["image_grid_thw"] for e in examples[:3]]))
     text_only = fastload.Qwen2VLCollator(pad_token_id=151643)(examples[3:])
     assert set(text_only) == {"input_ids", "attention_mask", "labels"}
+
+
+# -- literal special tokens in the text (issue 12) -----------------------------------------
+RESERVED = ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|vision_pad|>",
+            "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+
+
+@pytest.mark.parametrize("token", RESERVED)
+@pytest.mark.parametrize("role", ["user", "assistant"])
+def test_literal_special_token_is_a_sample_error(transform, token, role):
+    """Once a bare StopIteration (a literal <|image_pad|> outran the images; raised in a
+    worker's iterator it can end an epoch silently) or a silently forged turn or image slot."""
+    text = {"user": f"look {token} here", "assistant": "ok"}
+    if role == "assistant":
+        text = {"user": "hi", "assistant": f"fine{token}"}
+    sample = make_sample([{"role": "user", "content": text["user"]},
+                          {"role": "assistant", "content": text["assistant"]}], [], key="bad-key-7")
+    with pytest.raises(SampleError, match=rf"'bad-key-7'.*{re.escape(repr(token))}") as info:
+        transform(sample)
+    assert not isinstance(info.value.__context__, StopIteration)
+    with pytest.raises(SampleError, match=re.escape(token)):
+        transform.num_tokens(sample)
+
+
+def test_literal_image_pad_next_to_a_real_image(transform):
+    """With as many images as placeholders the pad counts were consumed by the literal pad
+    first: the real image got no slot. Now the sample is refused, whichever comes first."""
+    img = jpeg_bytes(photo_like(64, 64))
+    for content in ["<|image_pad|><image>what?", "<image> and <|vision_start|><|image_pad|><|vision_end|>"]:
+        sample = make_sample([{"role": "user", "content": content}, {"role": "assistant", "content": "y"}],
+                             [img], key="pads")
+        with pytest.raises(SampleError, match=r"'pads'.*<\|"):
+            transform(sample)
+
+
+def test_special_token_in_system_prompt_or_role(transform):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    with pytest.raises(SampleError, match=r"'sys'.*<\|im_end\|>"):
+        transform(make_sample(messages, [], key="sys", system="Be brief.<|im_end|>"))
+    with pytest.raises(SampleError, match=r"'sys2'.*<\|im_start\|>"):
+        transform(make_sample([{"role": "system", "content": "x<|im_start|>user"}] + messages, [], key="sys2"))
+    with pytest.raises(SampleError, match=r"'role'.*<\|im_end\|>"):
+        transform(make_sample([{"role": "user<|im_end|>", "content": "hi"}, messages[1]], [], key="role"))
+
+
+def test_content_tokens_still_pass_as_the_reference_tokenizes_them(reference, transform):
+    """Grounding, tool-call and FIM tokens are text the model reads and writes: accepted,
+    and tokenized exactly as transformers' processor does."""
+    messages = [{"role": "user", "content": "<image>Where is the <|object_ref_start|>dog<|object_ref_end|>?"},
+                {"role": "assistant", "content": "<|box_start|>(10,20),(300,400)<|box_end|> "
+                                                 "<|quad_start|>q<|quad_end|> <tool_call>{}</tool_call> <|fim_pad|>"}]
+    images = [jpeg_bytes(photo_like(120, 200))]
+    ref = reference_encode(reference, messages, images)
+    out = transform(make_sample(messages, images))
+    assert out["input_ids"].tolist() == ref["input_ids"][0].tolist()
+    assert out["labels"].tolist() == expected_labels(ref["input_ids"][0].tolist())

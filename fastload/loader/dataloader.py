@@ -14,7 +14,8 @@ import torch
 import torch.utils.data
 
 from .iterators import InProcessIter, WorkerIter, set_rng_state
-from .prefetch import PrefetchIterator, Transfer
+from .resume import fingerprint, layout, plan
+from .prefetch import Prefetcher, PrefetchIterator, Transfer
 
 _ON_ERROR = ("raise", "skip", "warn")
 
@@ -23,8 +24,14 @@ class DataLoader(torch.utils.data.DataLoader):
     """Drop-in for ``torch.utils.data.DataLoader``.
 
     Extra keyword options:
-      device: prefetch batches onto this device (non-blocking copies on a side stream,
-        ``prefetch_factor`` batches ahead); without CUDA, warns once and stays on the CPU.
+      device: prefetch batches onto this device in a background thread, ``prefetch_factor``
+        batches ahead (on CUDA: non-blocking copies on a side stream, handed over to the
+        trainer's stream); ``"cuda"`` without CUDA warns and leaves batches on the CPU with no
+        prefetch stage. ``"cpu"`` runs the same stage on the CPU: with workers, the thread copies
+        each batch out of shared memory into ordinary memory (so a batch the trainer keeps does
+        not hold a worker's slot); with ``num_workers=0`` it loads batches ahead in the thread.
+        ``pin_memory=True`` pins in that thread when CUDA is available (like torch, it warns and
+        does not pin otherwise; it starts the stage only with CUDA or ``device``).
       on_error: ``"raise"`` (default, with the worker's traceback), ``"skip"`` or ``"warn"``
         for a sample whose loading raises; skipped samples are counted in ``loader.stats``.
       shm_slots: shared-memory segments per worker (default ``max(2, prefetch_factor)``).
@@ -47,8 +54,9 @@ class DataLoader(torch.utils.data.DataLoader):
         self.on_error = on_error
         self.shm_slots = shm_slots
         self.device = self._usable_device(device)
-        self.stats = {"skipped": 0}
+        self.stats = {"skipped": 0, "by_cause": {}, "by_shard": {}}
         self._resume_state: dict | None = None
+        self._loaded: dict | list | None = None  # what load_state_dict got, until iteration starts
         self._front = None  # the iterator the trainer is consuming
 
     @staticmethod
@@ -60,7 +68,7 @@ class DataLoader(torch.utils.data.DataLoader):
             warnings.warn("fastload: device='cuda' but CUDA is not available; batches stay on the CPU",
                           stacklevel=3)
             return None
-        return None if device.type == "cpu" else device
+        return device
 
     def _get_iterator(self):
         if self.num_workers == 0:
@@ -68,39 +76,51 @@ class DataLoader(torch.utils.data.DataLoader):
         return WorkerIter(self)
 
     def __iter__(self):
+        front, self._front = self._front, None  # lets an abandoned iteration go before the next starts
+        if isinstance(front, Prefetcher) and front.source is not None and front.source is self._iterator:
+            front.close()  # its thread must stop before the persistent workers' iterator is reset
+        del front
         source = super().__iter__()
         pin = bool(self.pin_memory and torch.cuda.is_available())
         if pin or self.device is not None:
-            self._front = PrefetchIterator(source, Transfer(pin, self.device), self.prefetch_factor or 2)
-        else:
-            self._front = source
-        return self._front
+            transfer = Transfer(pin, self.device, copy=self.num_workers > 0)
+            self._front = Prefetcher(source, transfer, self.prefetch_factor or 2)
+            return PrefetchIterator(self._front)
+        self._front = source
+        return source
 
-    # -- exact resume (torchdata StatefulDataLoader semantics) ----------------------------------
+    # -- resume (torchdata StatefulDataLoader semantics, elastic for ShardDataset) ------------
     def state_dict(self) -> dict:
-        """Where iteration stands: loading it into an identically built loader continues with
-        exactly the batches the uninterrupted run would have produced next."""
-        if self._front is None:
-            return {"fastload": 1, "iterator": None, "dataset_epoch": getattr(self.dataset, "epoch", None)}
-        return {"fastload": 1, "iterator": copy.deepcopy(self._front.state_dict()),
-                "dataset_epoch": getattr(self.dataset, "epoch", None)}
+        """Where iteration stands, as plain JSON-serializable data: loading it into an identically
+        built loader continues with exactly the batches the uninterrupted run would have produced
+        next. Before the first batch after ``load_state_dict``, it is the state just loaded."""
+        if self._loaded is not None:
+            return copy.deepcopy(self._loaded)
+        it = self._front.state_dict() if self._front is not None else None
+        return {"fastload": 2, "dataset": fingerprint(self.dataset),
+                "dataset_epoch": getattr(self.dataset, "epoch", None), "layout": layout(self.num_workers),
+                "iterator": copy.deepcopy(it)}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("dataset_epoch") is not None and hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(state["dataset_epoch"])
-        it = state.get("iterator")
-        if it is None:
-            return
-        if it["finished"]:
-            set_rng_state(self.generator, it["rng_now"])
-            return
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """Continues from ``state`` at the next ``iter()``. Resuming with another ``num_workers``
+        or world size works for ``ShardDataset`` (what was left is dealt out again, each sample
+        once); for another world size pass every rank's state as a list. Anything that cannot
+        be continued exactly once raises :class:`~fastload.loader.resume.ResumeError`."""
+        resume = plan(state, self)
+        states = state if isinstance(state, (list, tuple)) else [state]
+        epoch = states[0].get("dataset_epoch")
+        if epoch is not None and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        if resume is not None and resume.get("finished"):
+            set_rng_state(self.generator, resume["rng_now"])  # the next epoch draws from here
         if self._iterator is not None:  # persistent workers were seeded for another run
             self._iterator._shutdown_workers()
             self._iterator = None
-        self._resume_state = it
+        self._resume_state = resume
+        self._loaded = copy.deepcopy(state)
 
     def _take_resume_state(self) -> dict | None:
-        state, self._resume_state = self._resume_state, None
+        state, self._resume_state, self._loaded = self._resume_state, None, None
         return state
 
     @property

@@ -1,17 +1,31 @@
 """Turning an index (or, for iterable datasets, the next items) into a collated batch.
 
-torch's fetchers, plus an ``on_error`` policy: with ``"skip"``/``"warn"`` a sample whose
-loading raises is left out of its batch and counted, instead of failing the run.
+torch's fetchers, under the error policy (:mod:`fastload.errors`): with ``"skip"``/``"warn"``
+a sample whose loading raises is left out of its batch and counted by cause and shard,
+instead of failing the run. Datasets with a ``stream()`` (``ShardDataset``) hand over
+``(origin, item)`` pairs, where a skipped sample keeps its place as a ``Skip``: a batch is
+``batch_size`` *positions* of the stream, so batch boundaries, DDP batch counts and resume
+positions do not depend on how much of the data is bad, and the origins of every batch are
+what the loader's resume state records.
 """
 from __future__ import annotations
 
-import logging
-import traceback
+from itertools import islice
 
-log = logging.getLogger("fastload.loader")
+from ..errors import Skip, SkipCounts, resolve, skip_for
+from .shm import map_tree
 
 #: Returned when every sample of a batch was skipped: the loader moves on to the next one.
 EMPTY = object()
+
+
+def _is_pending(x) -> bool:
+    return hasattr(x, "write_into") and hasattr(x, "tensor")
+
+
+def materialize(sample):
+    """The sample with any pending pixels (``vision.PendingPatches``) computed now."""
+    return map_tree(sample, _is_pending, lambda p: p.tensor())
 
 
 class Fetcher:
@@ -22,94 +36,112 @@ class Fetcher:
         self.dataset, self.is_iterable = dataset, is_iterable
         self.auto_collation, self.collate_fn, self.drop_last = auto_collation, collate_fn, drop_last
         self.on_error = on_error
-        self.skipped = 0
+        self.policy = resolve(getattr(dataset, "on_error", None), on_error)
+        self.skips = SkipCounts()
+        self.origins: list = []  # origins of the last batch's stream positions
         self.ended = False
+        self._data: list = []  # the last batch's samples, for recollate()
+        self._stream = None
         self._it = None
 
-    def start(self, skip_samples: int = 0, skip_batches: int = 0, batch_size: int = 1) -> None:
-        """(Re)starts an iterable dataset's stream, fast-forwarding for an exact resume.
+    def start(self, resume: dict | None = None, batch_size: int = 1) -> None:
+        """(Re)starts an iterable dataset's stream, fast-forwarded for an exact resume.
 
-        Datasets with ``iter_from(n)`` (``ShardDataset``) skip ``n`` raw samples cheaply;
-        others are replayed batch by batch and the batches dropped.
+        A dataset with ``stream()`` leaves out what ``resume`` says was delivered; others are
+        replayed batch by batch (``resume["batches"]``) and those batches dropped.
         """
         self.ended = False
         if not self.is_iterable:
             return
-        if skip_samples and hasattr(self.dataset, "iter_from"):
-            self._it = iter(self.dataset.iter_from(skip_samples))
+        if hasattr(self.dataset, "stream"):
+            self._stream = iter(self.dataset.stream(self.on_error, resume))
             return
+        self._stream = None
         self._it = iter(self.dataset)
         try:
-            for _ in range(skip_batches):
+            for _ in range((resume or {}).get("batches", 0)):
                 self.fetch([None] * batch_size if self.auto_collation else None)
         except StopIteration:
             pass
 
-    def _skip(self, what: str, exc: BaseException) -> None:
-        self.skipped += 1
-        if self.on_error == "warn":
-            log.warning("skipping %s: %s\n%s", what, exc, "".join(traceback.format_exception(exc)[-3:]))
-
     def _item(self, index):
-        if self.on_error == "raise":
+        if self.policy == "raise":
             return self.dataset[index]
         try:
             return self.dataset[index]
         except Exception as exc:
-            self._skip(f"sample {index!r}", exc)
+            self.skips.add(skip_for(exc, None, f"sample {index!r}", self.policy))
             return EMPTY
 
-    def _next_item(self):
+    def _collate(self, data: list):
+        self._data = data
+        if not data:
+            return EMPTY
+        return self.collate_fn(data) if self.auto_collation else self.collate_fn(data[0])
+
+    def _map_batch(self, index):
+        if not self.auto_collation:
+            return self._collate([x for x in (self._item(index),) if x is not EMPTY])
+        if self.policy == "raise" and getattr(self.dataset, "__getitems__", None):
+            return self._collate(self.dataset.__getitems__(index))
+        return self._collate([x for x in (self._item(i) for i in index) if x is not EMPTY])
+
+    def _stream_batch(self, index):
+        n = len(index) if self.auto_collation else 1
+        events = list(islice(self._stream, n))
+        if not events or (self.drop_last and len(events) < n):
+            self.ended = True
+            raise StopIteration
+        self.origins = [origin for origin, _ in events]
+        data = []
+        for _, item in events:
+            if isinstance(item, Skip):
+                self.skips.add(item)
+            else:
+                data.append(item)
+        return self._collate(data)
+
+    def _next_plain(self):
         while True:
-            if self.on_error == "raise":
-                return next(self._it)
             try:
                 return next(self._it)
             except StopIteration:
                 raise
             except Exception as exc:
-                self._skip("an item of the iterable dataset", exc)
+                self.skips.add(skip_for(exc, None, "an item of the iterable dataset", self.policy))
 
-    def _map_batch(self, index):
-        if not self.auto_collation:
-            item = self._item(index)
-            return item if item is EMPTY else self.collate_fn(item)
-        if self.on_error == "raise" and getattr(self.dataset, "__getitems__", None):
-            data = self.dataset.__getitems__(index)
-        else:
-            data = [x for x in (self._item(i) for i in index) if x is not EMPTY]
-        return self.collate_fn(data) if data else EMPTY
-
-    def _iterable_batch(self, index):
-        if self.ended:
-            raise StopIteration
-        if not self.auto_collation:
-            return self.collate_fn(self._next_item())
+    def _plain_batch(self, index):
+        n = len(index) if self.auto_collation else 1
         data = []
-        for _ in index:
+        for _ in range(n):
             try:
-                data.append(self._next_item())
+                data.append(self._next_plain())
             except StopIteration:
                 self.ended = True
                 break
-        if not data or (self.drop_last and len(data) < len(index)):
+        if not data or (self.drop_last and len(data) < n):
             raise StopIteration
-        return self.collate_fn(data)
+        return self._collate(data)
 
     def fetch(self, index):
         """The collated batch for ``index``; StopIteration when an iterable dataset ends."""
-        if self.is_iterable:
-            return self._iterable_batch(index)
-        return self._map_batch(index)
+        if not self.is_iterable:
+            return self._map_batch(index)
+        if self.ended:
+            raise StopIteration
+        return self._stream_batch(index) if self._stream is not None else self._plain_batch(index)
 
-    @property
-    def skipped_total(self) -> int:
-        """Samples skipped so far: by ``on_error`` here, or by the dataset's own transform
-        (``ShardDataset`` + ``Qwen2VLTransform(on_error="skip")``)."""
-        transform = getattr(self.dataset, "transform", None)
-        return self.skipped + getattr(transform, "skipped", 0)
-
-    @property
-    def consumed(self):
-        """Raw samples an iterable dataset's stream has produced so far, when it tracks that."""
-        return getattr(self.dataset, "consumed", None)
+    def recollate(self, exc: BaseException):
+        """After handing the last batch over failed (a kernel writing pending pixels into
+        shared memory): computes each sample's pixels on its own under the policy, so only
+        the failing samples are lost, and collates the rest again."""
+        if self.policy == "raise":
+            raise exc
+        kept = []
+        for sample in self._data:
+            try:
+                kept.append(materialize(sample))
+            except Exception as err:
+                key = sample.get("__key__") if isinstance(sample, dict) else None
+                self.skips.add(skip_for(err, None, f"sample {key!r}", self.policy))
+        return self._collate(kept)

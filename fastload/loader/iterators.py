@@ -19,19 +19,25 @@ from multiprocessing import connection
 import torch
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
 
+from ..errors import merge_counts
+from ..progress import Progress
 from . import shm
 from .fetch import EMPTY, Fetcher
+from .resume import layout
 from .worker import WorkerConfig, worker_loop
 
 _POLL_S = 0.1
 _SKIP = object()
 
 
-def rng_state(generator):
-    return generator.get_state() if generator is not None else torch.get_rng_state()
+def rng_state(generator) -> list[int]:
+    """The RNG state as a list of bytes (a checkpoint stays JSON-serializable)."""
+    state = generator.get_state() if generator is not None else torch.get_rng_state()
+    return state.tolist()
 
 
-def set_rng_state(generator, state) -> None:
+def set_rng_state(generator, state: list[int]) -> None:
+    state = torch.tensor(state, dtype=torch.uint8)
     if generator is not None:
         generator.set_state(state)
     else:
@@ -47,11 +53,24 @@ class _ResumableIter(_BaseDataLoaderIter):
         self._loader_stats = loader.stats
         self._generator = loader.generator
         self._finished = False
-        resume = loader._take_resume_state()  # only mid-epoch states get here
-        if resume is not None:
+        self._kind = _kind(self._dataset, self._dataset_kind)
+        self._layout = layout(loader.num_workers)
+        self._done = Progress()
+        resume = loader._take_resume_state()
+        if resume is not None and resume.get("finished"):
+            # The epoch after a finished one. load_state_dict set the RNG where that epoch left
+            # it, so a new iterator draws its base seed as the uninterrupted run did; persistent
+            # workers instead keep the seed they were started with, and the sampler draws next.
+            if loader.persistent_workers and loader.num_workers > 0:
+                self._base_seed = resume["base_seed"]
+                set_rng_state(loader.generator, resume["rng_now"])
+            resume = None
+        elif resume is not None:
             self._base_seed = resume["base_seed"]
             set_rng_state(loader.generator, resume["epoch_rng"])
             self._sampler_iter = iter(self._index_sampler)
+            if resume["mode"] == "exact" and resume["progress"]:
+                self._done = Progress.from_states(*resume["progress"])
         self._epoch_rng = rng_state(loader.generator)
         return resume
 
@@ -61,13 +80,28 @@ class _ResumableIter(_BaseDataLoaderIter):
             next(self._sampler_iter, None)
         self._num_yielded = n
 
+    def _delivered(self, origins: list, skips) -> None:
+        """Records what the trainer now has: the batch's origins, and its skips in the stats."""
+        for origin in origins:
+            self._done.add(origin)
+        merge_counts(self._loader_stats, skips)
+
     def state_dict(self) -> dict:
-        return {"base_seed": self._base_seed, "epoch_rng": self._epoch_rng,
-                "rng_now": rng_state(self._generator), "finished": self._finished,
-                "yielded": self._num_yielded, **self._progress()}
+        state = {"kind": self._kind, "base_seed": self._base_seed, "epoch_rng": self._epoch_rng,
+                 "rng_now": rng_state(self._generator), "finished": self._finished,
+                 "yielded": self._num_yielded, **self._progress()}
+        if self._kind == "stream":
+            state["progress"] = self._done.state()
+        return state
 
     def _progress(self) -> dict:
         return {}
+
+
+def _kind(dataset, dataset_kind) -> str:
+    if dataset_kind == _DatasetKind.Map:
+        return "map"
+    return "stream" if hasattr(dataset, "stream") else "iterable"
 
 
 class InProcessIter(_ResumableIter):
@@ -79,38 +113,41 @@ class InProcessIter(_ResumableIter):
             raise AssertionError("_SingleProcessDataLoaderIter requires timeout == 0")
         self._fetcher = Fetcher(self._dataset, self._dataset_kind == _DatasetKind.Iterable,
                                 self._auto_collation, self._collate_fn, self._drop_last, loader.on_error)
-        resume = self._begin_epoch(loader)
-        self._consumed = None
-        batches = resume["yielded"] if resume else 0
+        self._start(loader, self._begin_epoch(loader))
+
+    def _start(self, loader, resume: dict | None) -> None:
+        yielded = resume["yielded"] if resume else 0
         if self._dataset_kind == _DatasetKind.Iterable:
-            progress = (resume or {}).get("workers") or [{}]
-            self._fetcher.start(progress[0].get("consumed") or 0, progress[0].get("batches", 0),
-                                getattr(loader, "batch_size", None) or 1)
-            self._num_yielded = batches
+            self._fetcher.start(_worker_resume(resume, 0), getattr(loader, "batch_size", None) or 1)
+            self._num_yielded = yielded
         else:
-            self._skip_map_batches(batches)
-        self._reported = 0
+            self._skip_map_batches(yielded)
 
     def _next_data(self):
         while True:
-            index = self._next_index()
             try:
+                index = self._next_index()
                 batch = self._fetcher.fetch(index)
             except StopIteration:
                 self._finished = True
                 raise
-            self._report_skips()
+            self._delivered(self._fetcher.origins, self._fetcher.skips.take())
             if batch is not EMPTY:
-                self._consumed = self._fetcher.consumed
                 return batch
 
-    def _report_skips(self) -> None:
-        total = self._fetcher.skipped_total
-        self._loader_stats["skipped"] += total - self._reported
-        self._reported = total
-
     def _progress(self) -> dict:
-        return {"workers": [{"batches": self._num_yielded, "consumed": self._consumed}]}
+        return {"batches": [self._num_yielded]}
+
+
+def _worker_resume(resume: dict | None, wid: int) -> dict | None:
+    """What worker ``wid`` needs to continue: the epoch's progress (stream datasets), or how
+    many of its batches to replay and drop (other iterables)."""
+    if resume is None:
+        return None
+    if resume["progress"] is not None:
+        return {"mode": resume["mode"], "progress": resume["progress"]}
+    batches = resume.get("batches") or []
+    return {"batches": batches[wid] if wid < len(batches) else 0}
 
 
 class WorkerIter(_ResumableIter):
@@ -135,7 +172,9 @@ class WorkerIter(_ResumableIter):
 
     # -- workers ---------------------------------------------------------------------------
     def _start_workers(self, loader) -> None:
-        ctx = loader.multiprocessing_context or multiprocessing.get_context("fork")
+        # Like torch: the loader's context ("fork", "spawn", "forkserver", or a context object),
+        # else the global start method (multiprocessing / torch.multiprocessing.set_start_method).
+        ctx = loader.multiprocessing_context or multiprocessing.get_context()
         if isinstance(ctx, str):
             ctx = multiprocessing.get_context(ctx)
         self._workers, self._inboxes, self._outboxes = [], [], []
@@ -175,33 +214,22 @@ class WorkerIter(_ResumableIter):
         self._workers_status = [True] * self._num_workers
         self._workers_num_tasks = [0] * self._num_workers
         self._worker_queue_idx_cycle = itertools.cycle(range(self._num_workers))
-        self._delivered = [0] * self._num_workers
-        self._consumed = [None] * self._num_workers
-        self._ended_at: list[int | None] = [None] * self._num_workers
-        skips = self._apply_resume(self._resume)
+        self._delivered_batches = [0] * self._num_workers
+        resume = self._resume
+        if resume is not None:
+            if self._dataset_kind == _DatasetKind.Map:
+                self._skip_map_batches(resume["yielded"])
+            else:
+                self._num_yielded = resume["yielded"]
+                self._delivered_batches = list(resume.get("batches") or self._delivered_batches)
+                for _ in range(resume["next_worker"]):
+                    next(self._worker_queue_idx_cycle)
         epoch = getattr(self._dataset, "epoch", None)
         for wid in range(self._num_workers):
-            self._send(wid, ("resume", epoch, skips[wid]))
+            self._send(wid, ("resume", epoch, _worker_resume(resume, wid)))
         self._await_resumed()
         for _ in range(self._prefetch_factor * self._num_workers):
             self._try_put_index()
-
-    def _apply_resume(self, resume: dict | None) -> list[dict]:
-        """Per-worker fast-forward instructions for this epoch."""
-        none = [{} for _ in range(self._num_workers)]
-        if resume is None:
-            return none
-        if self._dataset_kind == _DatasetKind.Map:
-            self._skip_map_batches(resume["yielded"])
-            return none
-        self._num_yielded = resume["yielded"]
-        workers = resume["workers"]
-        self._workers_status = [w["active"] for w in workers]
-        self._delivered = [w["batches"] for w in workers]
-        self._consumed = [w["consumed"] for w in workers]
-        for _ in range(resume["next_worker"]):
-            next(self._worker_queue_idx_cycle)
-        return [{"batches": w["batches"], "consumed": w["consumed"]} for w in workers]
 
     def _await_resumed(self) -> None:
         """Waits for every worker to acknowledge the new epoch, dropping stale batches."""
@@ -252,7 +280,6 @@ class WorkerIter(_ResumableIter):
                 self._tasks_outstanding -= 1
                 if kind == "end":
                     self._workers_status[wid] = False
-                    self._ended_at[wid] = idx
                     self._try_put_index()
                     continue
                 result = (kind, *payload)
@@ -274,25 +301,19 @@ class WorkerIter(_ResumableIter):
         kind = result[0]
         if kind == "error":
             result[1].reraise()
-        self._loader_stats["skipped"] += result[-1]
+        *_, origins, skips = result
+        self._delivered(origins, skips)
         if kind == "empty":
             return _SKIP
-        batch, consumed = result[1], result[2]
-        self._delivered[wid] += 1
-        self._consumed[wid] = consumed
-        return batch
+        self._delivered_batches[wid] += 1
+        return result[1]
 
     def _progress(self) -> dict:
         if self._dataset_kind == _DatasetKind.Map:
             return {}
         pending = self._task_info.get(self._rcvd_idx)
         next_worker = pending[0] if pending else self._rcvd_idx % self._num_workers
-        # A worker counts as finished only if its end came before the batches the trainer has
-        # seen; an end already received for a prefetched task lies in the future.
-        active = [end is None or end >= self._rcvd_idx for end in self._ended_at]
-        return {"next_worker": next_worker,
-                "workers": [{"batches": b, "consumed": c, "active": a}
-                            for b, c, a in zip(self._delivered, self._consumed, active)]}
+        return {"next_worker": next_worker, "batches": list(self._delivered_batches)}
 
     # -- receiving ----------------------------------------------------------------------------
     def _receive(self, waiting_for: int | None):
@@ -320,10 +341,26 @@ class WorkerIter(_ResumableIter):
                 self._unblock(waiting_for)
 
     def _attach(self, wid: int, msg):
-        """Maps a batch's segment (unlinking its name) and rebuilds the batch as views of it."""
+        """Maps a batch's segment (unlinking its name) and rebuilds the batch as views of it.
+
+        A segment outside ``shm.SHM_DIR`` means ``/dev/shm`` was full and the worker fell back
+        to a file: that works but is slower, so the first one is worth one warning (only the
+        main process's warnings reach the user)."""
         if msg[1] != "batch":
             return msg
-        idx, _, slot, path, size, skeleton, consumed, skipped = msg
+        idx, _, slot, path, size, skeleton, origins, skips = msg
+        if shm.is_fallback(path) and not getattr(self, "_warned_fallback", False):
+            import warnings
+
+            self._warned_fallback = True
+            stat = os.statvfs(shm.SHM_DIR)
+            hint = -(-self._num_workers * self._slots * size // (1 << 30))
+            warnings.warn(
+                f"fastload: {shm.SHM_DIR} ({stat.f_blocks * stat.f_frsize >> 20} MiB) had no room for a "
+                f"{size}-byte batch segment, so worker {wid} put it in {os.path.dirname(path)} "
+                f"(file-backed, slower). In docker, give the container more shared memory, e.g. "
+                f"`docker run --shm-size={hint}g` ({self._num_workers} workers x {self._slots} slots "
+                f"of this size), or set {shm.FALLBACK_ENV} to a fast disk.", stacklevel=2)
         if slot < 0:
             self._permits[wid] -= 1
             buf = shm.attach_segment(path, size)
@@ -336,7 +373,7 @@ class WorkerIter(_ResumableIter):
             buf = cached[1]
             self._in_main[wid] += 1
             release = partial(self._released.append, (wid, slot))
-        return idx, "batch", shm.unpack(skeleton, buf, size, release), consumed, skipped
+        return idx, "batch", shm.unpack(skeleton, buf, size, release), origins, skips
 
     def _flush_released(self) -> None:
         while self._released:

@@ -9,11 +9,13 @@ goes back to its worker when the last view of the batch is garbage collected.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import mmap
 import os
 import pickle
 import secrets
+import tempfile
 import weakref
 from dataclasses import dataclass
 
@@ -30,36 +32,112 @@ def new_loader_id() -> str:
 
 
 def segment_path(loader_id: str, worker: int, slot: int, generation: int) -> str:
+    """Where a segment is first tried: ``SHM_DIR`` (``create_segment`` may move it elsewhere)."""
     return os.path.join(SHM_DIR, f"{loader_id}-w{worker}-s{slot}-g{generation}")
 
 
+FALLBACK_ENV = "FASTLOAD_SHM_FALLBACK_DIR"
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def fallback_dir() -> str:
+    """Where segments go when ``/dev/shm`` is full (docker's default is 64 MB): a file-backed
+    mapping in the page cache is slower than tmpfs, but a batch that arrives beats a dead worker."""
+    return os.environ.get(FALLBACK_ENV) or tempfile.gettempdir()
+
+
+def is_fallback(path: str) -> bool:
+    """True for a segment that ``create_segment`` had to place outside ``SHM_DIR``."""
+    return os.path.dirname(path) != SHM_DIR
+
+
 def unlink_matching(loader_id: str, worker: int | None = None) -> None:
-    """Removes whatever names of this loader (or one of its workers) still exist."""
+    """Removes whatever names of this loader (or one of its workers) still exist, in
+    ``SHM_DIR`` and in the fallback directory."""
     pattern = f"{loader_id}-w{worker}-*" if worker is not None else f"{loader_id}-*"
-    for path in glob.glob(os.path.join(SHM_DIR, pattern)):
+    for folder in dict.fromkeys((SHM_DIR, fallback_dir())):
+        for path in glob.glob(os.path.join(folder, pattern)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+def _reserve(path: str, size: int) -> mmap.mmap:
+    """Creates ``path`` with all ``size`` bytes allocated, then maps it.
+
+    ``ftruncate`` alone makes a sparse file: on a full tmpfs the process would die of SIGBUS
+    when it first touches a page. ``posix_fallocate`` turns that into ENOSPC here. On any
+    failure the name is removed, which also frees whatever pages were already allocated.
+    """
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in _NO_FALLOCATE:
+                raise
+            os.ftruncate(fd, size)  # a filesystem that cannot reserve: sizing is all we can do
+        return mmap.mmap(fd, size)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
+def create_segment(path: str, size: int, min_size: int | None = None) -> tuple[str, int, mmap.mmap]:
+    """Creates and maps a segment of ``size`` bytes; returns ``(path, size, mapping)``.
+
+    When ``SHM_DIR`` is full it first tries ``min_size`` there (a slot's growth headroom is
+    optional), then ``size`` in :func:`fallback_dir` under the same name, so the main process
+    (which receives the path) maps and unlinks it exactly as it does ``/dev/shm`` segments.
+    """
+    sizes = [size] if min_size is None or min_size >= size else [size, min_size]
+    for attempt in sizes:
+        try:
+            return path, attempt, _reserve(path, attempt)
+        except OSError as exc:
+            if exc.errno not in _FULL:
+                raise
+    spill = os.path.join(fallback_dir(), os.path.basename(path))
+    if spill == path:
+        raise OSError(errno.ENOSPC, f"fastload: no room for a {size}-byte batch segment", path)
+    try:
+        return spill, size, _reserve(spill, size)
+    except OSError as exc:
+        if exc.errno not in _FULL:
+            raise
+        raise OSError(exc.errno, f"fastload: no room for a {size}-byte batch segment in {SHM_DIR} "
+                                 f"nor in {fallback_dir()} (set {FALLBACK_ENV} to a larger disk)",
+                      spill) from exc
+
+
+def attach_segment(path: str, size: int) -> mmap.mmap:
+    """Maps a worker's segment and unlinks its name: the mapping keeps the memory alive.
+
+    Each mapping holds a file descriptor (``mmap`` dups it), so many workers x slots can hit
+    the open-files limit; that becomes an error saying what to change, as torch's does.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            return mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        raise RuntimeError(
+            f"fastload: too many open files while mapping a batch segment ({exc}). Each worker "
+            "slot keeps one file descriptor open in the main process: raise the limit with "
+            "`ulimit -n` (e.g. `ulimit -n 65536`), or use fewer workers or a smaller shm_slots.") from exc
+    finally:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
-
-
-def create_segment(path: str, size: int) -> mmap.mmap:
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-    try:
-        os.ftruncate(fd, size)
-        return mmap.mmap(fd, size)
-    finally:
-        os.close(fd)
-
-
-def attach_segment(path: str, size: int) -> mmap.mmap:
-    """Maps a worker's segment and unlinks its name: the mapping keeps the memory alive."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        return mmap.mmap(fd, size)
-    finally:
-        os.close(fd)
-        os.unlink(path)
 
 
 # -- packing ---------------------------------------------------------------------------

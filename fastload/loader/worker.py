@@ -45,7 +45,7 @@ class WorkerConfig:
     loader_id: str
     slots: int
     on_error: str
-    parent_pid: int
+    parent_pid: int  # the trainer's; a forkserver worker's parent is the server, not the trainer
 
 
 class Slots:
@@ -61,17 +61,20 @@ class Slots:
     def available(self) -> bool:
         return bool(self.free) or self.permits > 0
 
-    def _create(self, slot: int, size: int):
+    def _create(self, slot: int, size: int, need: int) -> tuple[str, int, object]:
+        """A new segment of ``size`` bytes, or of just ``need`` when ``/dev/shm`` has no room for
+        the headroom; if even that does not fit, ``shm.create_segment`` puts it in a file
+        elsewhere (the main process warns once). Returns ``(path, size, mapping)``."""
         self.generation += 1
         path = shm.segment_path(self.cfg.loader_id, self.cfg.worker_id, slot, self.generation)
-        return path, shm.create_segment(path, size)
+        return shm.create_segment(path, size, min_size=need)
 
     def write(self, batch) -> tuple[int, str, int, bytes]:
         """Packs ``batch`` into a free slot (or a permitted extra); returns where it went."""
         need = max(shm.packed_size(batch), 64)
         if not self.free:
             self.permits -= 1
-            path, buf = self._create(-1, need)
+            path, _, buf = self._create(-1, need, need)
             skeleton = shm.pack(batch, buf)
             buf.close()  # the named file keeps the bytes until the main process maps it
             return -1, path, need, skeleton
@@ -80,8 +83,7 @@ class Slots:
         if size < need:
             if buf is not None:
                 buf.close()
-            size = _round_up(max(need, int(size * 1.5)), 1 << 20)
-            path, buf = self._create(slot, size)
+            path, size, buf = self._create(slot, _round_up(max(need, int(size * 1.5)), 1 << 20), need)
             self.maps[slot] = (path, size, buf)
         return slot, path, size, shm.pack(batch, buf)
 
@@ -152,10 +154,37 @@ def worker_loop(cfg: WorkerConfig, inbox, outbox) -> None:
         shm.unlink_matching(cfg.loader_id, cfg.worker_id)
 
 
+class _TrainerWatch:
+    """Tells when the trainer (``pid``) is gone, whatever the start method.
+
+    ``fork`` and ``spawn`` workers are the trainer's children: when it dies they are
+    re-parented, so ``getppid()`` changes (reliable even while the dead trainer is an unreaped
+    zombie). A ``forkserver`` worker is the server's child: the server exits once the trainer
+    has gone (its parent changes then too), and the trainer's pid is probed directly as well.
+    The parent is read once, here; if it already is not the trainer, that probe decides."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.parent = os.getppid()
+
+    def gone(self) -> bool:
+        if os.getppid() != self.parent:
+            return True
+        if self.parent == self.pid:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # exists, owned by someone else: a reused pid is not ours to judge
+            pass
+        return False
+
+
 def _serve(cfg: WorkerConfig, fetcher: Fetcher, init_error, inbox, outbox) -> None:
     slots, pending = Slots(cfg), deque()
+    trainer = _TrainerWatch(cfg.parent_pid)
     exhausted = False
-    reported_skips = 0
     while True:
         wait = 0 if (pending and slots.available()) else _PARENT_CHECK_S
         while inbox.poll(wait):
@@ -169,17 +198,17 @@ def _serve(cfg: WorkerConfig, fetcher: Fetcher, init_error, inbox, outbox) -> No
                 else:
                     slots.free.add(msg[1])
             elif kind == "resume":
-                _, epoch, skip = msg
+                _, epoch, resume = msg
                 pending.clear()
                 if epoch is not None and hasattr(cfg.dataset, "set_epoch"):
                     cfg.dataset.set_epoch(epoch)
-                fetcher.start(skip.get("consumed") or 0, skip.get("batches", 0), cfg.batch_size)
+                fetcher.start(resume, cfg.batch_size)
                 exhausted = False
                 outbox.send((None, "resumed"))
             elif kind == "stop":
                 return
             wait = 0
-        if os.getppid() != cfg.parent_pid:
+        if trainer.gone():
             return  # orphaned: the finally clause removes our segments
         if not (pending and slots.available()):
             continue
@@ -190,20 +219,29 @@ def _serve(cfg: WorkerConfig, fetcher: Fetcher, init_error, inbox, outbox) -> No
             outbox.send((idx, "error", init_error))
             continue
         try:
-            batch = fetcher.fetch(index)
+            outbox.send(_run_task(cfg, fetcher, slots, idx, index))
         except StopIteration:
             exhausted = True
             outbox.send((idx, "end"))
-            continue
         except Exception:
             outbox.send((idx, "error", ExceptionWrapper(where=f"in DataLoader worker process {cfg.worker_id}")))
-            continue
-        skipped = fetcher.skipped_total - reported_skips
-        reported_skips += skipped
-        if batch is EMPTY:
-            outbox.send((idx, "empty", skipped))
-            continue
-        slot, path, size, skeleton = slots.write(batch)
-        del batch
-        outbox.send((idx, "batch", slot, path, size, skeleton, fetcher.consumed, skipped))
 
+
+def _run_task(cfg: WorkerConfig, fetcher: Fetcher, slots: "Slots", idx: int, index) -> tuple:
+    """Fetches one batch and writes it into a slot; the message that reports it.
+
+    Writing runs any pending pixel kernels (straight into shared memory); when that fails,
+    the fetcher recomputes the batch sample by sample under the error policy.
+    """
+    batch = fetcher.fetch(index)
+    if batch is not EMPTY:
+        try:
+            where = slots.write(batch)
+        except (ValueError, MemoryError, RuntimeError) as exc:
+            batch = fetcher.recollate(exc)
+            where = None if batch is EMPTY else slots.write(batch)
+    origins, skips = fetcher.origins, fetcher.skips.take()
+    if batch is EMPTY:
+        return idx, "empty", origins, skips
+    del batch
+    return (idx, "batch", *where, origins, skips)

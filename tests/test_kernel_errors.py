@@ -1,0 +1,129 @@
+"""C++ failures inside fastload._kernels surface as Python exceptions, never as an abort.
+
+An exception escaping a C function ends the process (std::terminate: SIGABRT), which in a
+DataLoader is a dead worker. Each case runs in a subprocess whose address space is capped
+(RLIMIT_AS) just above what it already uses, so that the kernel's own allocations fail:
+the subprocess must see MemoryError and carry on, not die of a signal.
+
+Which inputs make the kernel allocate: the filter taps of an axis hold ``ksize`` weights
+per output, ``ksize ~ 4 * in / out`` when shrinking, i.e. ~32 bytes (doubles, then the
+fixed point) per *input* pixel of that axis whatever the output size; the AVX2 horizontal
+pass adds a 24-byte column per input pixel. So a 1-pixel-tall strip a few million pixels
+wide (~10 MB of input) shrunk to a few pixels makes the kernel ask for hundreds of MB.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import fastload
+from fastload import _kernels
+
+# Common prologue: a strip whose resize needs ~0.5 GB inside the kernel, and a helper that
+# runs a call under an address-space cap 64 MB above the current size, then lifts the cap.
+PROLOGUE = textwrap.dedent("""
+    import resource, sys
+    import numpy as np
+    import fastload
+    from fastload import _kernels
+
+    WIDTH = 3_000_000
+    strip = np.random.default_rng(0).integers(0, 256, (1, WIDTH, 3), dtype=np.uint8)
+
+    def vm_bytes():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+
+    def capped(call):
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (vm_bytes() + (64 << 20), hard))
+        try:
+            call()
+        except MemoryError:
+            return "MemoryError"
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        return "ok"
+""")
+
+
+def run_script(body: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-c", PROLOGUE + textwrap.dedent(body)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (
+        f"subprocess ended with {proc.returncode} (a negative code is a signal: -6 is SIGABRT)\n"
+        f"stdout: {proc.stdout}\nstderr: {proc.stderr[-3000:]}")
+    return proc
+
+
+def simd_modes() -> list[bool]:
+    before = _kernels.simd()
+    modes = [False] + ([True] if _kernels.simd(True) else [])
+    _kernels.simd(before)
+    return modes
+
+
+@pytest.mark.parametrize("simd", simd_modes(), ids=lambda s: "avx2" if s else "portable")
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
+def test_resize_out_of_memory_is_memory_error(simd, exact):
+    proc = run_script(f"""
+        _kernels.simd({simd})
+        out = np.empty((1, 4, 3), np.uint8)
+        print(capped(lambda: _kernels.resize(strip, out, 1, 4, {exact})))
+        # The process is intact: the same call succeeds without the cap, and so does a small one.
+        print(capped(lambda: None), _kernels.resize(strip, out, 1, 4, {exact}))
+        small = np.full((8, 8, 3), 7, np.uint8)
+        tiny = np.empty((4, 4, 3), np.uint8)
+        _kernels.resize(small, tiny, 4, 4, {exact})
+        print(int(tiny.min()), int(tiny.max()))
+    """)
+    assert proc.stdout.split("\n")[:3] == ["MemoryError", "ok None", "7 7"], proc.stdout
+
+
+@pytest.mark.parametrize("simd", simd_modes(), ids=lambda s: "avx2" if s else "portable")
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
+def test_processor_out_of_memory_is_memory_error(simd, exact):
+    """The fused kernel through the image processor (what a DataLoader worker runs)."""
+    proc = run_script(f"""
+        _kernels.simd({simd})
+        processor = fastload.Qwen2VLImageProcessor(exact={exact})
+        cfg = processor.config
+        out = np.empty((4, cfg.patch_dim), np.float32)  # a 28x28 target: 2x2 patches
+        print(capped(lambda: processor.process_into(strip, (28, 28), out)))
+        processor.process_into(strip, (28, 28), out)  # uncapped, it works
+        print(bool(np.isfinite(out).all()))
+        pixels = processor(np.full((56, 56, 3), 128, np.uint8), return_tensors="np")["pixel_values"]
+        print(pixels.shape)
+    """)
+    assert proc.stdout.split("\n")[:3] == ["MemoryError", "True", "(16, 1176)"], proc.stdout
+
+
+def test_empty_out_of_memory_is_memory_error():
+    proc = run_script("""
+        print(capped(lambda: _kernels.empty(1 << 30)))
+        print(len(memoryview(_kernels.empty(1 << 20))))
+    """)
+    assert proc.stdout.split("\n")[:2] == ["MemoryError", str(1 << 20)], proc.stdout
+
+
+def test_sizes_past_the_kernels_range_are_value_errors():
+    """Sizes whose byte counts overflow (here wrapping around to exactly the buffer's size),
+    or that the taps' int arithmetic cannot hold, are rejected before any work."""
+    img = np.zeros((4, 4, 3), np.uint8)
+    dst = np.zeros(48, np.uint8)  # 4 * (4 + 2**62) * 3 == 48 modulo 2**64
+    for out_h, out_w in [(4 + (1 << 62), 4), (4, 4 + (1 << 62)), (1, 1 << 32)]:
+        with pytest.raises(ValueError, match="too large"):
+            _kernels.resize(img, dst, out_h, out_w)
+    processor = fastload.Qwen2VLImageProcessor()
+    cfg = processor.config
+    # (28 * 2**58 / 14) * (28 / 14) patches of 1176 float32 values: 0 bytes modulo 2**64.
+    with pytest.raises(ValueError, match="too large"):
+        _kernels.process(img, np.zeros(0, np.float32), processor._lut, processor._norm, 28 << 58, 28,
+                         cfg.patch_size, cfg.temporal_patch_size, cfg.merge_size)
+
