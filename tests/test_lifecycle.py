@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -342,10 +341,13 @@ def cmdline(pid: int) -> str:
 
 def warm_up(method: str) -> None:
     """Starts the helper processes that outlive a loader (the forkserver, the resource tracker)
-    before a baseline is taken: their descriptors are multiprocessing's, not the loader's."""
+    before a baseline is taken: their descriptors are multiprocessing's, not the loader's.
+    The forkserver imports fastload once, as a trainer would have it do (if this process has no
+    server yet), so that each worker does not import torch afresh."""
     if method == "forkserver":
         from multiprocessing import forkserver
 
+        multiprocessing.get_context("forkserver").set_forkserver_preload(["fastload", "tests.datasets_for_tests"])
         forkserver.ensure_running()
     if method in ("spawn", "forkserver"):
         from multiprocessing import resource_tracker

@@ -323,6 +323,8 @@ class WorkerIter(_ResumableIter):
         conns = {c: wid for wid, c in enumerate(self._outboxes)}
         while True:
             self._flush_released()
+            if waiting_for is not None:
+                self._unblock(waiting_for)
             ready = connection.wait(list(conns) + list(sentinels), timeout=_POLL_S)
             for obj in ready:
                 if obj in conns:
@@ -337,8 +339,6 @@ class WorkerIter(_ResumableIter):
                 raise RuntimeError("fastload loader iteration was closed")
             if deadline is not None and time.monotonic() > deadline:
                 raise RuntimeError(f"DataLoader timed out after {self._timeout} seconds")
-            if waiting_for is not None:
-                self._unblock(waiting_for)
 
     def _attach(self, wid: int, msg):
         """Maps a batch's segment (unlinking its name) and rebuilds the batch as views of it.

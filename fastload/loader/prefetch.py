@@ -46,9 +46,8 @@ class Transfer:
     pinned and device copies do); without it the batch passes through unchanged."""
 
     def __init__(self, pin: bool, device: torch.device | None, copy: bool = False):
-        self.pin, self.device, self.copy = pin, device, copy
-        on_cpu = device is None or device.type == "cpu"
-        self.copy = bool(copy and on_cpu and not pin)  # pinning already copies
+        self.pin, self.device = pin, device
+        self.copy = bool(copy and (device is None or device.type == "cpu") and not pin)  # pinning copies
         self.stream = torch.cuda.Stream(device=device) if device is not None and device.type == "cuda" else None
         self._leaf = _is_array if self.copy else _is_tensor
 
@@ -190,8 +189,11 @@ class Prefetcher:
         self._closed = not (persistent and self._thread.is_alive())
 
     def __del__(self):
-        if hasattr(self, "_thread"):
-            self.close()
+        try:
+            if hasattr(self, "_thread"):
+                self.close()
+        except Exception:  # interpreter shutdown: modules may already be gone
+            pass
 
 
 class PrefetchIterator:
@@ -221,5 +223,8 @@ class PrefetchIterator:
         self._prefetcher.close()
 
     def __del__(self):
-        if hasattr(self, "_prefetcher"):
-            self._prefetcher.close()
+        try:
+            if hasattr(self, "_prefetcher"):
+                self._prefetcher.close()
+        except Exception:  # interpreter shutdown: modules may already be gone
+            pass

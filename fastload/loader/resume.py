@@ -89,7 +89,7 @@ def plan(saved: dict | list[dict], loader) -> dict | None:
                               "world size: its order depends on the number of ranks")
         return resume  # the sampler's order does not depend on the worker count
     if kind == "stream":
-        return {**resume, **_elastic(states, own, now), "yielded": 0, "next_worker": 0}
+        return {**resume, **_elastic(states, own, now), "yielded": 0, "next_worker": 0, "batches": None}
     raise ResumeError(f"{type(loader.dataset).__name__} splits itself across workers and ranks, so a "
                       f"position saved with {base['layout']} cannot be continued with {now}; resume with "
                       "the same num_workers and world size (ShardDataset can change both)")
