@@ -454,7 +454,7 @@ class ShardDataset(IterableDataset):
         rank, world = rank_and_world()
         mode = resume["mode"] if resume else "exact"
         need_counts = self._even(world) or mode != "exact"
-        counts = self.counts() if need_counts else {}
+        counts = self.counts() if need_counts else (self._counts or {})  # known: broken shards count exactly
         full = [(u, 0, counts.get(u), 0) for u in self.epoch_shards()]
         if mode == "exact":
             mine = self._rank_part(full, rank, world)

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from itertools import islice
 
+from torch.utils.data._utils.collate import default_collate as torch_default_collate
+
 from ..errors import Skip, SkipCounts, resolve, skip_for
+from .collate import default_collate
 from .shm import map_tree
 
 #: Returned when every sample of a batch was skipped: the loader moves on to the next one.
@@ -34,6 +37,8 @@ class Fetcher:
     def __init__(self, dataset, is_iterable: bool, auto_collation: bool, collate_fn, drop_last: bool,
                  on_error: str = "raise"):
         self.dataset, self.is_iterable = dataset, is_iterable
+        if collate_fn is torch_default_collate:
+            collate_fn = default_collate
         self.auto_collation, self.collate_fn, self.drop_last = auto_collation, collate_fn, drop_last
         self.on_error = on_error
         self.policy = resolve(getattr(dataset, "on_error", None), on_error)

@@ -73,19 +73,33 @@ class Slots:
         """Packs ``batch`` into a free slot (or a permitted extra); returns where it went."""
         need = max(shm.packed_size(batch), 64)
         if not self.free:
-            self.permits -= 1
-            path, _, buf = self._create(-1, need, need)
-            skeleton = shm.pack(batch, buf)
-            buf.close()  # the named file keeps the bytes until the main process maps it
-            return -1, path, need, skeleton
+            return self._write_extra(batch, need)
         slot = self.free.pop()
-        path, size, buf = self.maps.get(slot, (None, 0, None))
-        if size < need:
-            if buf is not None:
-                buf.close()
-            path, size, buf = self._create(slot, _round_up(max(need, int(size * 1.5)), 1 << 20), need)
-            self.maps[slot] = (path, size, buf)
-        return slot, path, size, shm.pack(batch, buf)
+        try:
+            path, size, buf = self.maps.get(slot, (None, 0, None))
+            if size < need:
+                if buf is not None:
+                    buf.close()
+                    del self.maps[slot]
+                path, size, buf = self._create(slot, _round_up(max(need, int(size * 1.5)), 1 << 20), need)
+                self.maps[slot] = (path, size, buf)
+            return slot, path, size, shm.pack(batch, buf)
+        except BaseException:
+            self.free.add(slot)  # a failed write (say, a kernel's) leaves the slot usable
+            raise
+
+    def _write_extra(self, batch, need: int) -> tuple[int, str, int, bytes]:
+        """Packs into a one-off segment the main process permitted; its name carries it over."""
+        path, _, buf = self._create(-1, need, need)
+        try:
+            skeleton = shm.pack(batch, buf)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            buf.close()  # the named file keeps the bytes until the main process maps it
+        self.permits -= 1
+        return -1, path, need, skeleton
 
 
 def _round_up(n: int, multiple: int) -> int:
