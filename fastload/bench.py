@@ -240,10 +240,10 @@ def fastload_loader(shards, processor_dir, workers: int, batch_size: int, max_pi
     from .shards import ShardDataset
     from .text import Qwen2VLTransform
 
-    transform = Qwen2VLTransform(processor_dir, max_pixels=max_pixels, dtype=dtype, on_error="skip").load()
+    transform = Qwen2VLTransform(processor_dir, max_pixels=max_pixels, dtype=dtype).load()
     dataset = ShardDataset(shards, transform=transform)
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=Qwen2VLCollator(),
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0, on_error="skip")
 
 
 def torch_loader(shards, processor_dir, workers: int, batch_size: int, max_pixels: int | None):

@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # -- what a loader may leave behind ------------------------------------------------------------
 def shm_names() -> set[str]:
-    return set(glob.glob("/dev/shm/fastload-*"))
+    """This process's segments (other test runs on the machine may have theirs)."""
+    return set(glob.glob(f"/dev/shm/fastload-{os.getpid()}-*"))
 
 
 def prefetch_threads() -> list[threading.Thread]:
@@ -444,11 +445,11 @@ def test_forkserver_workers_exit_when_the_trainer_is_killed():
         time.sleep(0.1)
     assert not any(alive(p) for p in pids)  # the workers noticed and exited...
     time.sleep(0.2)
-    assert not any(f"fastload-{proc.pid}-" in name for name in shm_names())  # ...removing their segments
+    assert not glob.glob(f"/dev/shm/fastload-{proc.pid}-*")  # ...removing their segments
 
 
 def test_nothing_left_after_the_whole_file():
     """Runs last in this file: whatever the tests above started is gone."""
     gc.collect()
     assert not prefetch_threads()
-    assert not [name for name in shm_names() if f"fastload-{os.getpid()}-" in name]
+    assert not shm_names()

@@ -234,3 +234,84 @@ def test_end_of_epoch_state_with_persistent_workers():
     resumed = make()
     resumed.load_state_dict(state)
     assert ids(resumed) == second and first != second
+
+
+class EpochCounting(IterableDataset):
+    """Keeps its own epoch counter and position (torchdata's Stateful protocol): each iter()
+    is a new epoch, so replaying a fresh copy would give the wrong epoch's data."""
+
+    def __init__(self):
+        self.epoch, self.pos, self.resumed = -1, 0, False
+
+    def __iter__(self):
+        if not self.resumed:
+            self.epoch, self.pos = self.epoch + 1, 0
+        self.resumed = False
+        info = torch.utils.data.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info else (0, 1)
+        while self.pos < 12:
+            self.pos += 1
+            yield 100 * self.epoch + (self.pos - 1) * n + wid
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos, self.resumed = state["epoch"], state["pos"], True
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterable_dataset_with_its_own_state(workers):
+    def make():
+        return fastload.DataLoader(EpochCounting(), batch_size=4, num_workers=workers, persistent_workers=workers > 0)
+
+    loader = make()
+    ids(loader)
+    reference = ids(loader)  # epoch 1
+    loader2 = make()
+    list(loader2)
+    it = iter(loader2)
+    head = [next(it) for _ in range(3)]
+    state = json.loads(json.dumps(loader2.state_dict()))
+    del it
+    assert all(s is not None for s in state["iterator"]["dataset_states"])
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert ids(head) + ids(resumed) == reference
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A sampler whose order depends on an epoch counter it keeps itself."""
+
+    def __init__(self):
+        self.epoch = 0
+
+    def __len__(self):
+        return 23
+
+    def __iter__(self):
+        order = torch.randperm(23, generator=torch.Generator().manual_seed(self.epoch)).tolist()
+        self.epoch += 1
+        return iter(order)
+
+    def state_dict(self):
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state):
+        self.epoch = state["epoch"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sampler_with_its_own_state(workers):
+    def make():
+        return fastload.DataLoader(Range(), batch_size=4, sampler=EpochSampler(), num_workers=workers)
+
+    loader = make()
+    ids(loader)
+    it = iter(loader)
+    head = [next(it) for _ in range(2)]
+    state = json.loads(json.dumps(loader.state_dict()))
+    rest = ids(it)
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert ids(resumed) == rest and ids(head) + rest != ids(make())

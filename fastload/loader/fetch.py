@@ -52,10 +52,14 @@ class Fetcher:
     def start(self, resume: dict | None = None, batch_size: int = 1) -> None:
         """(Re)starts an iterable dataset's stream, fast-forwarded for an exact resume.
 
-        A dataset with ``stream()`` leaves out what ``resume`` says was delivered; others are
-        replayed batch by batch (``resume["batches"]``) and those batches dropped.
+        A dataset with ``stream()`` leaves out what ``resume`` says was delivered; one with its
+        own ``load_state_dict`` is given its saved state; others are replayed batch by batch
+        (``resume["batches"]``) and those batches dropped.
         """
         self.ended = False
+        own_state = (resume or {}).get("dataset_state")
+        if own_state is not None:
+            self.dataset.load_state_dict(own_state)
         if not self.is_iterable:
             return
         if hasattr(self.dataset, "stream"):
@@ -63,11 +67,20 @@ class Fetcher:
             return
         self._stream = None
         self._it = iter(self.dataset)
+        if own_state is not None:
+            return  # the dataset put itself where it was
         try:
             for _ in range((resume or {}).get("batches", 0)):
                 self.fetch([None] * batch_size if self.auto_collation else None)
         except StopIteration:
             pass
+
+    def dataset_state(self):
+        """The dataset's own ``state_dict()`` (torchdata's protocol) after the last batch, for
+        datasets that keep one (stream datasets are resumed by their origins instead)."""
+        if hasattr(self.dataset, "state_dict") and not hasattr(self.dataset, "stream"):
+            return self.dataset.state_dict()
+        return None
 
     def _item(self, index):
         if self.policy == "raise":

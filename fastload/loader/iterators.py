@@ -56,6 +56,7 @@ class _ResumableIter(_BaseDataLoaderIter):
         self._kind = _kind(self._dataset, self._dataset_kind)
         self._layout = layout(loader.num_workers)
         self._done = Progress()
+        self._dataset_states = [None] * max(1, loader.num_workers)
         resume = loader._take_resume_state()
         if resume is not None and resume.get("finished"):
             # The epoch after a finished one. load_state_dict set the RNG where that epoch left
@@ -68,11 +69,17 @@ class _ResumableIter(_BaseDataLoaderIter):
         elif resume is not None:
             self._base_seed = resume["base_seed"]
             set_rng_state(loader.generator, resume["epoch_rng"])
+            _load_own_states(self._samplers(loader), resume.get("sampler_states"))
             self._sampler_iter = iter(self._index_sampler)
+            self._dataset_states = list(resume.get("dataset_states") or self._dataset_states)
             if resume["mode"] == "exact" and resume["progress"]:
                 self._done = Progress.from_states(*resume["progress"])
         self._epoch_rng = rng_state(loader.generator)
+        self._sampler_states = _own_states(self._samplers(loader))
         return resume
+
+    def _samplers(self, loader) -> list:
+        return [loader.sampler, loader.batch_sampler] if self._dataset_kind == _DatasetKind.Map else []
 
     def _skip_map_batches(self, n: int) -> None:
         """Fast-forwards a map-style epoch by drawing (not loading) its first ``n`` batches."""
@@ -80,22 +87,37 @@ class _ResumableIter(_BaseDataLoaderIter):
             next(self._sampler_iter, None)
         self._num_yielded = n
 
-    def _delivered(self, origins: list, skips) -> None:
-        """Records what the trainer now has: the batch's origins, and its skips in the stats."""
+    def _delivered(self, origins: list, skips, wid: int = 0, dataset_state=None) -> None:
+        """Records what the trainer now has: the batch's origins, its skips in the stats, and
+        the state of the dataset (in worker ``wid``) that produced it."""
         for origin in origins:
             self._done.add(origin)
         merge_counts(self._loader_stats, skips)
+        if dataset_state is not None:
+            self._dataset_states[wid] = dataset_state
 
     def state_dict(self) -> dict:
         state = {"kind": self._kind, "base_seed": self._base_seed, "epoch_rng": self._epoch_rng,
                  "rng_now": rng_state(self._generator), "finished": self._finished,
-                 "yielded": self._num_yielded, **self._progress()}
+                 "yielded": self._num_yielded, "sampler_states": self._sampler_states,
+                 "dataset_states": list(self._dataset_states), **self._progress()}
         if self._kind == "stream":
             state["progress"] = self._done.state()
         return state
 
     def _progress(self) -> dict:
         return {}
+
+
+def _own_states(objs: list) -> list:
+    """Each sampler's own ``state_dict()`` as the epoch begins (None where it keeps none)."""
+    return [obj.state_dict() if hasattr(obj, "state_dict") else None for obj in objs]
+
+
+def _load_own_states(objs: list, states: list | None) -> None:
+    for obj, state in zip(objs, states or []):
+        if state is not None:
+            obj.load_state_dict(state)
 
 
 def _kind(dataset, dataset_kind) -> str:
@@ -117,8 +139,8 @@ class InProcessIter(_ResumableIter):
 
     def _start(self, loader, resume: dict | None) -> None:
         yielded = resume["yielded"] if resume else 0
+        self._fetcher.start(_worker_resume(resume, 0), getattr(loader, "batch_size", None) or 1)
         if self._dataset_kind == _DatasetKind.Iterable:
-            self._fetcher.start(_worker_resume(resume, 0), getattr(loader, "batch_size", None) or 1)
             self._num_yielded = yielded
         else:
             self._skip_map_batches(yielded)
@@ -131,7 +153,7 @@ class InProcessIter(_ResumableIter):
             except StopIteration:
                 self._finished = True
                 raise
-            self._delivered(self._fetcher.origins, self._fetcher.skips.take())
+            self._delivered(self._fetcher.origins, self._fetcher.skips.take(), 0, self._fetcher.dataset_state())
             if batch is not EMPTY:
                 return batch
 
@@ -140,14 +162,17 @@ class InProcessIter(_ResumableIter):
 
 
 def _worker_resume(resume: dict | None, wid: int) -> dict | None:
-    """What worker ``wid`` needs to continue: the epoch's progress (stream datasets), or how
-    many of its batches to replay and drop (other iterables)."""
+    """What worker ``wid`` needs to continue: the epoch's progress (stream datasets), its
+    dataset's own saved state (datasets with ``load_state_dict``), or how many of its batches
+    to replay and drop (other iterables)."""
     if resume is None:
         return None
     if resume["progress"] is not None:
         return {"mode": resume["mode"], "progress": resume["progress"]}
     batches = resume.get("batches") or []
-    return {"batches": batches[wid] if wid < len(batches) else 0}
+    states = resume.get("dataset_states") or []
+    return {"batches": batches[wid] if wid < len(batches) else 0,
+            "dataset_state": states[wid] if wid < len(states) else None}
 
 
 class WorkerIter(_ResumableIter):
@@ -301,8 +326,8 @@ class WorkerIter(_ResumableIter):
         kind = result[0]
         if kind == "error":
             result[1].reraise()
-        *_, origins, skips = result
-        self._delivered(origins, skips)
+        *_, origins, skips, dataset_state = result
+        self._delivered(origins, skips, wid, dataset_state)
         if kind == "empty":
             return _SKIP
         self._delivered_batches[wid] += 1
@@ -348,7 +373,7 @@ class WorkerIter(_ResumableIter):
         main process's warnings reach the user)."""
         if msg[1] != "batch":
             return msg
-        idx, _, slot, path, size, skeleton, origins, skips = msg
+        idx, _, slot, path, size, skeleton, *progress = msg
         if shm.is_fallback(path) and not getattr(self, "_warned_fallback", False):
             import warnings
 
@@ -373,7 +398,7 @@ class WorkerIter(_ResumableIter):
             buf = cached[1]
             self._in_main[wid] += 1
             release = partial(self._released.append, (wid, slot))
-        return idx, "batch", shm.unpack(skeleton, buf, size, release), origins, skips
+        return idx, "batch", shm.unpack(skeleton, buf, size, release), *progress
 
     def _flush_released(self) -> None:
         while self._released:

@@ -78,10 +78,14 @@ def plan(saved: dict | list[dict], loader) -> dict | None:
     same = own is not None and own["layout"] == now
     resume = {"mode": "exact", "base_seed": it["base_seed"], "epoch_rng": it["epoch_rng"],
               "yielded": it["yielded"], "next_worker": it.get("next_worker", 0),
-              "progress": [it["progress"]] if "progress" in it else None, "batches": it.get("batches")}
+              "progress": [it["progress"]] if "progress" in it else None, "batches": it.get("batches"),
+              "sampler_states": it["sampler_states"], "dataset_states": it["dataset_states"]}
     if same:
         return resume
     kind = it["kind"]
+    if any(s is not None for s in it["dataset_states"]):
+        raise ResumeError(f"the dataset's own state_dict() was saved per worker with {base['layout']}: "
+                          f"it cannot be dealt out to {now}; resume with the same num_workers and world size")
     if kind == "map":
         if own is None or (own["layout"]["world"] != now["world"]
                            and isinstance(loader.sampler, DistributedSampler)):

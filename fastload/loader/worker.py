@@ -254,8 +254,8 @@ def _run_task(cfg: WorkerConfig, fetcher: Fetcher, slots: "Slots", idx: int, ind
         except (ValueError, MemoryError, RuntimeError) as exc:
             batch = fetcher.recollate(exc)
             where = None if batch is EMPTY else slots.write(batch)
-    origins, skips = fetcher.origins, fetcher.skips.take()
+    progress = (fetcher.origins, fetcher.skips.take(), fetcher.dataset_state())
     if batch is EMPTY:
-        return idx, "empty", origins, skips
+        return idx, "empty", *progress
     del batch
-    return (idx, "batch", *where, origins, skips)
+    return (idx, "batch", *where, *progress)
