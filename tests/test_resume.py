@@ -315,3 +315,27 @@ def test_sampler_with_its_own_state(workers):
     resumed = make()
     resumed.load_state_dict(state)
     assert ids(resumed) == rest and ids(head) + rest != ids(make())
+
+
+class WhoLoads(Dataset):
+    def __len__(self):
+        return 30
+
+    def __getitem__(self, i):
+        return torch.tensor([i, torch.utils.data.get_worker_info().id])
+
+
+def test_map_style_resume_hands_each_batch_to_the_same_worker():
+    def make():
+        return fastload.DataLoader(WhoLoads(), batch_size=4, num_workers=3)
+
+    full = [b.tolist() for b in make()]
+    for k in (1, 2, 4):
+        loader = make()
+        it = iter(loader)
+        head = [next(it).tolist() for _ in range(k)]
+        state = loader.state_dict()
+        del it
+        resumed = make()
+        resumed.load_state_dict(state)
+        assert head + [b.tolist() for b in resumed] == full, k

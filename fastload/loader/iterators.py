@@ -247,8 +247,8 @@ class WorkerIter(_ResumableIter):
             else:
                 self._num_yielded = resume["yielded"]
                 self._delivered_batches = list(resume.get("batches") or self._delivered_batches)
-                for _ in range(resume["next_worker"]):
-                    next(self._worker_queue_idx_cycle)
+            for _ in range(resume["next_worker"] % self._num_workers):  # the same worker gets each batch
+                next(self._worker_queue_idx_cycle)
         epoch = getattr(self._dataset, "epoch", None)
         for wid in range(self._num_workers):
             self._send(wid, ("resume", epoch, _worker_resume(resume, wid)))
@@ -334,8 +334,6 @@ class WorkerIter(_ResumableIter):
         return result[1]
 
     def _progress(self) -> dict:
-        if self._dataset_kind == _DatasetKind.Map:
-            return {}
         pending = self._task_info.get(self._rcvd_idx)
         next_worker = pending[0] if pending else self._rcvd_idx % self._num_workers
         return {"next_worker": next_worker, "batches": list(self._delivered_batches)}

@@ -91,7 +91,7 @@ def plan(saved: dict | list[dict], loader) -> dict | None:
                            and isinstance(loader.sampler, DistributedSampler)):
             raise ResumeError("a map-style epoch drawn by DistributedSampler cannot be resumed with another "
                               "world size: its order depends on the number of ranks")
-        return resume  # the sampler's order does not depend on the worker count
+        return {**resume, "next_worker": 0}  # the sampler's order does not depend on the worker count
     if kind == "stream":
         return {**resume, **_elastic(states, own, now), "yielded": 0, "next_worker": 0, "batches": None}
     raise ResumeError(f"{type(loader.dataset).__name__} splits itself across workers and ranks, so a "
