@@ -25,7 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def shm_names() -> set[str]:
-    return set(glob.glob("/dev/shm/fastload-*"))
+    """This process's segments (names start with the trainer's pid), not a parallel run's."""
+    return set(glob.glob(f"/dev/shm/fastload-{os.getpid()}-*"))
 
 
 @pytest.fixture(autouse=True)
