@@ -20,7 +20,7 @@ import torch
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
 
 from ..errors import merge_counts
-from ..progress import Progress
+from ..progress import IndexSet, Progress
 from . import shm
 from .fetch import EMPTY, Fetcher
 from .resume import layout
@@ -56,6 +56,8 @@ class _ResumableIter(_BaseDataLoaderIter):
         self._kind = _kind(self._dataset, self._dataset_kind)
         self._layout = layout(loader.num_workers)
         self._done = Progress()
+        self._batches_done = IndexSet()  # map-style: positions of the batches delivered
+        self._drawn = self._last_pos = 0
         self._dataset_states = [None] * max(1, loader.num_workers)
         resume = loader._take_resume_state()
         if resume is not None and resume.get("finished"):
@@ -72,6 +74,8 @@ class _ResumableIter(_BaseDataLoaderIter):
             _load_own_states(self._samplers(loader), resume.get("sampler_states"))
             self._sampler_iter = iter(self._index_sampler)
             self._dataset_states = list(resume.get("dataset_states") or self._dataset_states)
+            self._batches_done = IndexSet(resume.get("batches_done"))
+            self._num_yielded = resume["yielded"]
             if resume["mode"] == "exact" and resume["progress"]:
                 self._done = Progress.from_states(*resume["progress"])
         self._epoch_rng = rng_state(loader.generator)
@@ -81,11 +85,19 @@ class _ResumableIter(_BaseDataLoaderIter):
     def _samplers(self, loader) -> list:
         return [loader.sampler, loader.batch_sampler] if self._dataset_kind == _DatasetKind.Map else []
 
-    def _skip_map_batches(self, n: int) -> None:
-        """Fast-forwards a map-style epoch by drawing (not loading) its first ``n`` batches."""
-        for _ in range(n):
-            next(self._sampler_iter, None)
-        self._num_yielded = n
+    def _next_index(self):
+        """The next batch's indices from the sampler, passing over (drawn, not loaded) the
+        batches a resumed epoch had already delivered: with ``in_order=False`` those need not
+        be the first ones."""
+        while True:
+            index = next(self._sampler_iter)
+            self._last_pos, self._drawn = self._drawn, self._drawn + 1
+            if self._last_pos not in self._batches_done:
+                return index
+
+    def _batch_done(self, pos: int) -> None:
+        if self._kind == "map":
+            self._batches_done.add(pos)
 
     def _delivered(self, origins: list, skips, wid: int = 0, dataset_state=None) -> None:
         """Records what the trainer now has: the batch's origins, its skips in the stats, and
@@ -96,6 +108,28 @@ class _ResumableIter(_BaseDataLoaderIter):
         if dataset_state is not None:
             self._dataset_states[wid] = dataset_state
 
+    def settle_abandoned(self, handed: int) -> None:
+        """Puts the loader's generator where torch's loader would have left it when the trainer
+        left this epoch after ``handed`` batches.
+
+        A prefetch stage draws batches ahead, so the sampler has drawn further than torch's
+        (which dispatches ``prefetch_factor * num_workers`` past what was consumed). That
+        matters: ``RandomSampler`` draws its next permutation from the generator only when run
+        to its end, so the next epoch's order would depend on the stage's timing. Replaying
+        torch's draws from the epoch's starting state keeps it torch's. Only for a generator
+        the loader owns (the global RNG is the trainer's too) and samplers without own state.
+        """
+        if self._finished or self._kind != "map" or self._generator is None or any(self._sampler_states):
+            return
+        set_rng_state(self._generator, self._epoch_rng)
+        sampler = iter(self._index_sampler)
+        for _ in range(handed + self._dispatch_ahead()):
+            if next(sampler, None) is None:
+                break
+
+    def _dispatch_ahead(self) -> int:
+        return 0
+
     def state_dict(self) -> dict:
         state = {"kind": self._kind, "base_seed": self._base_seed, "epoch_rng": self._epoch_rng,
                  "rng_now": rng_state(self._generator), "finished": self._finished,
@@ -103,6 +137,8 @@ class _ResumableIter(_BaseDataLoaderIter):
                  "dataset_states": list(self._dataset_states), **self._progress()}
         if self._kind == "stream":
             state["progress"] = self._done.state()
+        if self._kind == "map":
+            state["batches_done"] = self._batches_done.ranges()
         return state
 
     def _progress(self) -> dict:
@@ -135,15 +171,8 @@ class InProcessIter(_ResumableIter):
             raise AssertionError("_SingleProcessDataLoaderIter requires timeout == 0")
         self._fetcher = Fetcher(self._dataset, self._dataset_kind == _DatasetKind.Iterable,
                                 self._auto_collation, self._collate_fn, self._drop_last, loader.on_error)
-        self._start(loader, self._begin_epoch(loader))
-
-    def _start(self, loader, resume: dict | None) -> None:
-        yielded = resume["yielded"] if resume else 0
+        resume = self._begin_epoch(loader)
         self._fetcher.start(_worker_resume(resume, 0), getattr(loader, "batch_size", None) or 1)
-        if self._dataset_kind == _DatasetKind.Iterable:
-            self._num_yielded = yielded
-        else:
-            self._skip_map_batches(yielded)
 
     def _next_data(self):
         while True:
@@ -153,6 +182,7 @@ class InProcessIter(_ResumableIter):
             except StopIteration:
                 self._finished = True
                 raise
+            self._batch_done(self._last_pos)
             self._delivered(self._fetcher.origins, self._fetcher.skips.take(), 0, self._fetcher.dataset_state())
             if batch is not EMPTY:
                 return batch
@@ -236,17 +266,14 @@ class WorkerIter(_ResumableIter):
             self._aborted = False
         self._send_idx = self._rcvd_idx = self._tasks_outstanding = 0
         self._task_info: dict = {}
+        self._task_pos: dict[int, int] = {}  # task -> the batch's position in the sampler's order
         self._workers_status = [True] * self._num_workers
         self._workers_num_tasks = [0] * self._num_workers
         self._worker_queue_idx_cycle = itertools.cycle(range(self._num_workers))
         self._delivered_batches = [0] * self._num_workers
         resume = self._resume
         if resume is not None:
-            if self._dataset_kind == _DatasetKind.Map:
-                self._skip_map_batches(resume["yielded"])
-            else:
-                self._num_yielded = resume["yielded"]
-                self._delivered_batches = list(resume.get("batches") or self._delivered_batches)
+            self._delivered_batches = list(resume.get("batches") or self._delivered_batches)
             for _ in range(resume["next_worker"] % self._num_workers):  # the same worker gets each batch
                 next(self._worker_queue_idx_cycle)
         epoch = getattr(self._dataset, "epoch", None)
@@ -264,6 +291,9 @@ class WorkerIter(_ResumableIter):
             if kind == "resumed":
                 waiting -= 1
 
+    def _dispatch_ahead(self) -> int:
+        return self._prefetch_factor * self._num_workers
+
     # -- dispatch (torch's algorithm) -----------------------------------------------------
     def _try_put_index(self) -> None:
         max_tasks = self._prefetch_factor * self._num_workers
@@ -280,6 +310,7 @@ class WorkerIter(_ResumableIter):
             return
         self._send(wid, ("task", self._send_idx, index))
         self._task_info[self._send_idx] = (wid,)
+        self._task_pos[self._send_idx] = self._last_pos
         self._workers_num_tasks[wid] += 1
         self._tasks_outstanding += 1
         self._send_idx += 1
@@ -298,7 +329,8 @@ class WorkerIter(_ResumableIter):
                     self._shutdown_workers()
                 raise StopIteration
             if len(self._task_info[self._rcvd_idx]) == 2:
-                wid, result = self._task_info.pop(self._rcvd_idx)
+                idx = self._rcvd_idx
+                wid, result = self._task_info.pop(idx)
                 self._rcvd_idx += 1
             else:
                 wid, (idx, kind, *payload) = self._receive(self._task_info[self._rcvd_idx][0])
@@ -316,12 +348,13 @@ class WorkerIter(_ResumableIter):
                 else:
                     self._task_info.pop(idx)
                     self._rcvd_idx += 1
-            batch = self._process(result, wid)
+            batch = self._process(result, wid, idx)
             if batch is not _SKIP:
                 return batch
 
-    def _process(self, result, wid: int):
+    def _process(self, result, wid: int, idx: int):
         self._workers_num_tasks[wid] -= 1
+        self._batch_done(self._task_pos.pop(idx))
         self._try_put_index()
         kind = result[0]
         if kind == "error":

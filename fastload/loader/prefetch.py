@@ -181,8 +181,11 @@ class Prefetcher:
         if self._thread.is_alive():
             warnings.warn(f"fastload: the prefetch thread did not stop within {_JOIN_S:.0f} s "
                           "(a sample is still loading); it stops after that sample", RuntimeWarning, stacklevel=2)
-        elif persistent:
-            source._aborted = False  # the persistent workers serve the next epoch
+        else:
+            if persistent:
+                source._aborted = False  # the persistent workers serve the next epoch
+            if hasattr(source, "settle_abandoned"):
+                source.settle_abandoned(self._state["yielded"])
         if not persistent:
             getattr(source, "_shutdown_workers", lambda: None)()
         # a persistent source is shared with the next epoch: close again (join) until the thread is gone

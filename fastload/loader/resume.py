@@ -79,7 +79,8 @@ def plan(saved: dict | list[dict], loader) -> dict | None:
     resume = {"mode": "exact", "base_seed": it["base_seed"], "epoch_rng": it["epoch_rng"],
               "yielded": it["yielded"], "next_worker": it.get("next_worker", 0),
               "progress": [it["progress"]] if "progress" in it else None, "batches": it.get("batches"),
-              "sampler_states": it["sampler_states"], "dataset_states": it["dataset_states"]}
+              "sampler_states": it["sampler_states"], "dataset_states": it["dataset_states"],
+              "batches_done": it.get("batches_done")}
     if same:
         return resume
     kind = it["kind"]
@@ -91,7 +92,8 @@ def plan(saved: dict | list[dict], loader) -> dict | None:
                            and isinstance(loader.sampler, DistributedSampler)):
             raise ResumeError("a map-style epoch drawn by DistributedSampler cannot be resumed with another "
                               "world size: its order depends on the number of ranks")
-        return {**resume, "next_worker": 0}  # the sampler's order does not depend on the worker count
+        # the sampler's order does not depend on the worker count
+        return {**resume, "next_worker": 0, "batches": None}
     if kind == "stream":
         return {**resume, **_elastic(states, own, now), "yielded": 0, "next_worker": 0, "batches": None}
     raise ResumeError(f"{type(loader.dataset).__name__} splits itself across workers and ranks, so a "
