@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import TypeVar
 
 import torch
 import torch.utils.data
@@ -20,7 +21,10 @@ from .prefetch import Prefetcher, PrefetchIterator, Transfer
 _ON_ERROR = ("raise", "skip", "warn")
 
 
-class DataLoader(torch.utils.data.DataLoader):
+_T_co = TypeVar("_T_co", covariant=True)
+
+
+class DataLoader(torch.utils.data.DataLoader[_T_co]):
     """Drop-in for ``torch.utils.data.DataLoader``.
 
     Extra keyword options:

@@ -17,7 +17,9 @@ from functools import partial
 from multiprocessing import connection
 
 import torch
-from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
+from torch.utils.data import IterDataPipe, MapDataPipe
+from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind, _sharding_worker_init_fn
+from torch.utils.data.graph_settings import apply_sharding
 
 from ..errors import merge_counts
 from ..progress import IndexSet, Progress
@@ -169,6 +171,8 @@ class InProcessIter(_ResumableIter):
         super().__init__(loader)
         if self._timeout != 0:
             raise AssertionError("_SingleProcessDataLoaderIter requires timeout == 0")
+        if isinstance(self._dataset, (IterDataPipe, MapDataPipe)):  # torch shards DataPipes by rank
+            apply_sharding(self._dataset, self._world_size, self._rank)
         self._fetcher = Fetcher(self._dataset, self._dataset_kind == _DatasetKind.Iterable,
                                 self._auto_collation, self._collate_fn, self._drop_last, loader.on_error)
         resume = self._begin_epoch(loader)
@@ -210,6 +214,10 @@ class WorkerIter(_ResumableIter):
 
     def __init__(self, loader):
         super().__init__(loader)
+        # As torch's iterator: the workers start with the DataPipe seed drawn first, and its
+        # first _reset draws the next one (the generator then stands where torch's does).
+        self._epoch_seed = self._shared_seed
+        super()._reset(loader, first_iter=True)
         self._prefetch_factor = loader.prefetch_factor
         self._in_order = loader.in_order
         self._persistent_workers = loader.persistent_workers
@@ -239,9 +247,9 @@ class WorkerIter(_ResumableIter):
             cfg = WorkerConfig(
                 dataset=self._dataset, is_iterable=self._dataset_kind == _DatasetKind.Iterable,
                 auto_collation=self._auto_collation, collate_fn=self._collate_fn, drop_last=self._drop_last,
-                batch_size=loader.batch_size or 1, base_seed=self._base_seed, init_fn=loader.worker_init_fn,
+                batch_size=loader.batch_size or 1, base_seed=self._base_seed, init_fn=self._init_fn(loader),
                 worker_id=wid, num_workers=self._num_workers, loader_id=self._id, slots=self._slots,
-                on_error=loader.on_error, parent_pid=os.getpid())
+                on_error=loader.on_error, shared_seed=self._epoch_seed, parent_pid=os.getpid())
             proc = ctx.Process(target=worker_loop, args=(cfg, task_r, result_w), daemon=True)
             proc.start()
             task_r.close()
@@ -251,6 +259,12 @@ class WorkerIter(_ResumableIter):
             self._outboxes.append(result_r)
         self._in_main = [0] * self._num_workers  # pooled slots holding batches on our side
         self._permits = [0] * self._num_workers
+
+    def _init_fn(self, loader):
+        """The user's ``worker_init_fn``; for DataPipes first sharded by rank and worker, as torch does."""
+        if isinstance(self._dataset, (IterDataPipe, MapDataPipe)):
+            return partial(_sharding_worker_init_fn, loader.worker_init_fn, self._world_size, self._rank)
+        return loader.worker_init_fn
 
     @property
     def worker_pids(self) -> list[int]:
@@ -262,6 +276,7 @@ class WorkerIter(_ResumableIter):
     def _reset(self, loader, first_iter: bool = False) -> None:
         if not first_iter:
             super()._reset(loader)
+            self._epoch_seed = self._shared_seed
             self._resume = self._begin_epoch(loader)
             self._aborted = False
         self._send_idx = self._rcvd_idx = self._tasks_outstanding = 0
@@ -278,7 +293,7 @@ class WorkerIter(_ResumableIter):
                 next(self._worker_queue_idx_cycle)
         epoch = getattr(self._dataset, "epoch", None)
         for wid in range(self._num_workers):
-            self._send(wid, ("resume", epoch, _worker_resume(resume, wid)))
+            self._send(wid, ("resume", epoch, _worker_resume(resume, wid), self._epoch_seed))
         self._await_resumed()
         for _ in range(self._prefetch_factor * self._num_workers):
             self._try_put_index()
@@ -287,7 +302,7 @@ class WorkerIter(_ResumableIter):
         """Waits for every worker to acknowledge the new epoch, dropping stale batches."""
         waiting = self._num_workers
         while waiting:
-            wid, (_, kind, *_rest) = self._receive(None)
+            wid, (_, kind, *_rest) = self._receive(for_tasks=False)
             if kind == "resumed":
                 waiting -= 1
 
@@ -333,7 +348,7 @@ class WorkerIter(_ResumableIter):
                 wid, result = self._task_info.pop(idx)
                 self._rcvd_idx += 1
             else:
-                wid, (idx, kind, *payload) = self._receive(self._task_info[self._rcvd_idx][0])
+                wid, (idx, kind, *payload) = self._receive()
                 self._tasks_outstanding -= 1
                 if kind == "end":
                     self._workers_status[wid] = False
@@ -372,15 +387,15 @@ class WorkerIter(_ResumableIter):
         return {"next_worker": next_worker, "batches": list(self._delivered_batches)}
 
     # -- receiving ----------------------------------------------------------------------------
-    def _receive(self, waiting_for: int | None):
+    def _receive(self, for_tasks: bool = True):
         """The next message from any worker: (worker id, message with any batch mapped)."""
         deadline = time.monotonic() + self._timeout if self._timeout > 0 else None
         sentinels = {w.sentinel: wid for wid, w in enumerate(self._workers)}
         conns = {c: wid for wid, c in enumerate(self._outboxes)}
         while True:
             self._flush_released()
-            if waiting_for is not None:
-                self._unblock(waiting_for)
+            if for_tasks:
+                self._unblock()
             ready = connection.wait(list(conns) + list(sentinels), timeout=_POLL_S)
             for obj in ready:
                 if obj in conns:
@@ -438,12 +453,15 @@ class WorkerIter(_ResumableIter):
             if not self._shutdown:
                 self._send(wid, ("free", slot))
 
-    def _unblock(self, wid: int) -> None:
-        """If every slot of the worker we wait for holds a batch the trainer still keeps,
-        allow it one unpooled segment instead of waiting forever."""
-        if self._in_main[wid] >= self._slots and self._permits[wid] == 0:
-            self._permits[wid] += 1
-            self._send(wid, ("free", -1))
+    def _unblock(self) -> None:
+        """A worker with tasks to do whose every slot holds a batch the trainer still keeps
+        may use one unpooled segment instead of waiting: a trainer that keeps batches never
+        deadlocks the loader, and with ``in_order=False`` a fast worker is never held back."""
+        for wid in range(self._num_workers):
+            if (self._workers_num_tasks[wid] and self._in_main[wid] >= self._slots
+                    and self._permits[wid] == 0):
+                self._permits[wid] += 1
+                self._send(wid, ("free", -1))
 
     def _raise_worker_failure(self, wid: int):
         proc = self._workers[wid]

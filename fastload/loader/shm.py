@@ -172,9 +172,16 @@ class Concat:
         self.nbytes = sum(p.nbytes for p in parts)
 
 
+def _is_plain_tensor(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.layout == torch.strided and not x.is_nested and not x.is_quantized
+
+
 def _is_buffer(x) -> bool:
-    return isinstance(x, (torch.Tensor, Concat)) and getattr(x, "device", torch.device("cpu")).type == "cpu" or (
-        isinstance(x, np.ndarray) and x.dtype != object)
+    """Leaves that travel as raw bytes; any other tensor (nested, sparse, quantized) travels
+    inside the pickled skeleton, as torch's own transport would carry it."""
+    if isinstance(x, torch.Tensor):
+        return _is_plain_tensor(x)
+    return isinstance(x, Concat) or (isinstance(x, np.ndarray) and x.dtype != object)
 
 
 def _write(x, buf, offset: int) -> None:

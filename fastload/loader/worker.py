@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch._utils import ExceptionWrapper
+from torch.utils.data import IterDataPipe
 from torch.utils.data._utils import worker as torch_worker
+from torch.utils.data.graph_settings import apply_random_seed
 
 from . import shm
 from .fetch import EMPTY, Fetcher
@@ -45,6 +47,7 @@ class WorkerConfig:
     loader_id: str
     slots: int
     on_error: str
+    shared_seed: int | None  # an IterDataPipe's epoch seed (torch's _shared_seed)
     parent_pid: int  # the trainer's; a forkserver worker's parent is the server, not the trainer
 
 
@@ -150,6 +153,7 @@ def worker_loop(cfg: WorkerConfig, inbox, outbox) -> None:
     _keep_freed_memory()
     torch.set_num_threads(1)
     seed = _seed(cfg)
+    reseed_datapipe(cfg.dataset, cfg.shared_seed)
     torch_worker._worker_info = torch_worker.WorkerInfo(
         id=cfg.worker_id, num_workers=cfg.num_workers, seed=seed, dataset=cfg.dataset)
     init_error = None
@@ -199,6 +203,7 @@ def _serve(cfg: WorkerConfig, fetcher: Fetcher, init_error, inbox, outbox) -> No
     slots, pending = Slots(cfg), deque()
     trainer = _TrainerWatch(cfg.parent_pid)
     exhausted = False
+    start_error = None
     while True:
         wait = 0 if (pending and slots.available()) else _PARENT_CHECK_S
         while inbox.poll(wait):
@@ -212,12 +217,10 @@ def _serve(cfg: WorkerConfig, fetcher: Fetcher, init_error, inbox, outbox) -> No
                 else:
                     slots.free.add(msg[1])
             elif kind == "resume":
-                _, epoch, resume = msg
+                _, epoch, resume, shared_seed = msg
                 pending.clear()
-                if epoch is not None and hasattr(cfg.dataset, "set_epoch"):
-                    cfg.dataset.set_epoch(epoch)
-                fetcher.start(resume, cfg.batch_size)
                 exhausted = False
+                start_error = _start_epoch(cfg, fetcher, epoch, resume, shared_seed)
                 outbox.send((None, "resumed"))
             elif kind == "stop":
                 return
@@ -229,8 +232,10 @@ def _serve(cfg: WorkerConfig, fetcher: Fetcher, init_error, inbox, outbox) -> No
         idx, index = pending.popleft()
         if exhausted:
             continue  # like torch: tasks after the end are dropped; the main marks us inactive
-        if init_error is not None:
-            outbox.send((idx, "error", init_error))
+        if init_error is not None or start_error is not None:
+            outbox.send((idx, "error", init_error or start_error))
+            if start_error is not None:  # like torch: raised once, then this worker's stream is over
+                start_error, fetcher.ended = None, True
             continue
         try:
             outbox.send(_run_task(cfg, fetcher, slots, idx, index))
@@ -239,6 +244,26 @@ def _serve(cfg: WorkerConfig, fetcher: Fetcher, init_error, inbox, outbox) -> No
             outbox.send((idx, "end"))
         except Exception:
             outbox.send((idx, "error", ExceptionWrapper(where=f"in DataLoader worker process {cfg.worker_id}")))
+
+
+def _start_epoch(cfg: WorkerConfig, fetcher: Fetcher, epoch, resume, shared_seed) -> ExceptionWrapper | None:
+    """Starts this worker's part of an epoch. An exception from the dataset's ``__iter__`` is
+    kept and handed to the trainer with the next task, with this worker's traceback, as
+    torch's worker loop does (the worker itself carries on)."""
+    try:
+        reseed_datapipe(cfg.dataset, shared_seed)
+        if epoch is not None and hasattr(cfg.dataset, "set_epoch"):
+            cfg.dataset.set_epoch(epoch)
+        fetcher.start(resume, cfg.batch_size)
+    except Exception:
+        return ExceptionWrapper(where=f"in DataLoader worker process {cfg.worker_id}")
+    return None
+
+
+def reseed_datapipe(dataset, shared_seed: int | None) -> None:
+    """An ``IterDataPipe``'s shufflers take the epoch's seed shared by all workers, as in torch."""
+    if shared_seed is not None and isinstance(dataset, IterDataPipe):
+        apply_random_seed(dataset, torch.Generator().manual_seed(shared_seed))
 
 
 def _run_task(cfg: WorkerConfig, fetcher: Fetcher, slots: "Slots", idx: int, index) -> tuple:
