@@ -6,6 +6,7 @@ dot of the basename), so shards written by either library read the same in both.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -13,6 +14,7 @@ import os
 import random
 import re
 import subprocess
+import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 
@@ -28,23 +30,24 @@ Sample = dict
 
 # -- urls ----------------------------------------------------------------------------
 def expand_urls(urls: str | Iterable[str]) -> list[str]:
-    """Brace ranges (``train-{000..099}.tar``), ``::``-separated lists, or any iterable of urls."""
+    """Brace ranges (``train-{000..099}.tar``), ``::``-separated lists, or any iterable of urls;
+    ``$VAR``/``${VAR}`` and ``~`` are expanded first, as webdataset does."""
     if isinstance(urls, (str, os.PathLike)):
         urls = str(urls).split("::")
-    return [u for url in urls for u in braceexpand(str(url))]
+    return [u for url in urls for u in braceexpand(os.path.expanduser(os.path.expandvars(str(url))))]
 
 
-def open_url(url: str):
-    """A binary stream for a local path, ``pipe:CMD`` or an fsspec url (s3://, gs://, http(s)://)."""
+def open_url(url: str, cache_dir: str | None = None, cache_limit: int | None = None):
+    """A binary stream for a local path, ``pipe:CMD`` or a remote url (s3://, gs://, http(s)://,
+    hf://, any fsspec protocol). Remote shards stream through :mod:`fastload.remote`: read
+    ahead, retried, and kept in the shard cache ``cache_dir`` (at most ``cache_limit`` bytes)."""
     if url.startswith("pipe:"):
         proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)
         return _PipeStream(proc, url)
     if re.match(r"^[a-z][a-z0-9+.-]*://", url) and not url.startswith("file://"):
-        try:
-            import fsspec
-        except ImportError as exc:
-            raise ImportError(f"reading {url} needs fsspec (pip install fsspec)") from exc
-        return fsspec.open(url, "rb").open()
+        from .remote import open_remote
+
+        return open_remote(url, cache_dir=cache_dir, cache_limit=cache_limit)
     return open(url.removeprefix("file://"), "rb", buffering=1 << 20)
 
 
@@ -84,14 +87,21 @@ def split_key(name: str) -> tuple[str, str] | None:
 _BLOCK = 512
 
 
+_CHUNK = 16 << 20
+_MAX_MEMBER = 1 << 40  # a size field beyond this is a corrupt header, not a member to read
+
+
 def _read_exact(stream, n: int) -> bytes:
-    data = stream.read(n)
-    while len(data) < n:
-        more = stream.read(n - len(data))
+    """``n`` bytes, or fewer at the end of the stream; read in chunks, so a size field that
+    lies costs no more memory than the stream really holds."""
+    parts, left = [], n
+    while left > 0:
+        more = stream.read(min(left, _CHUNK))
         if not more:
             break
-        data += more
-    return data
+        parts.append(more)
+        left -= len(more)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _octal(field: bytes) -> int:
@@ -101,21 +111,24 @@ def _octal(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
-def _pax_path(data: bytes) -> str | None:
-    """The ``path`` record of a pax extended header, if any."""
+def _pax_path(data: bytes, url: str) -> str | None:
+    """The ``path`` record of a pax extended header, if any (records are ``LEN key=value\n``)."""
     pos = 0
     while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
+        space = data.find(b" ", pos, pos + 21)
+        length = int(data[pos:space]) if space > pos and data[pos:space].isdigit() else 0
+        if length <= space - pos or pos + length > len(data):
+            raise ShardError("corrupt shard", f"{url}: corrupt pax header record")
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         if key == b"path":
-            return value.decode("utf-8")
+            return value.decode("utf-8", "replace")
         pos += length
     return None
 
 
-class ShardError(ValueError):
-    """A shard that cannot be read on: the rest of it is lost (``cause`` names why)."""
+class ShardError(ValueError, tarfile.ReadError):
+    """A shard that cannot be read on: the rest of it is lost (``cause`` names why). A
+    ``ValueError``, and a ``tarfile.ReadError`` as webdataset's reader raises."""
 
     def __init__(self, cause: str, message: str):
         super().__init__(message)
@@ -144,6 +157,8 @@ def tar_entries(stream, url: str, with_data: bool = True) -> Iterator[tuple[str,
             raise ShardError("truncated shard", f"{url}: truncated tar (ends inside a header, "
                              "no end-of-archive marker)")
         if header == bytes(_BLOCK):
+            if long_name is not None:
+                raise ShardError("corrupt shard", f"{url}: end of archive right after a long-name header")
             return  # end-of-archive marker
         checksum = sum(header[:148]) + 256 + sum(header[156:])
         try:
@@ -153,6 +168,8 @@ def tar_entries(stream, url: str, with_data: bool = True) -> Iterator[tuple[str,
         if not valid:
             raise ShardError("corrupt shard", f"{url}: corrupt tar header (bad checksum)")
         size, kind = _octal(header[124:136]), header[156:157]
+        if size > _MAX_MEMBER:
+            raise ShardError("corrupt shard", f"{url}: corrupt tar header (member size {size})")
         padded = size + (-size % _BLOCK)
         meta = kind in (b"L", b"x")
         if seekable and not meta:
@@ -170,10 +187,13 @@ def tar_entries(stream, url: str, with_data: bool = True) -> Iterator[tuple[str,
         if prefix:
             name = prefix.decode("utf-8", "replace") + "/" + name
         if meta:
-            long_name = data.split(b"\0", 1)[0].decode("utf-8") if kind == b"L" else _pax_path(data)
+            long_name = (data.split(b"\0", 1)[0].decode("utf-8", "replace") if kind == b"L"
+                         else _pax_path(data, url)) or ""
             continue
         if kind in (b"0", b"\0", b"7"):
             yield (long_name or name), data
+        elif kind == b"S":
+            yield (long_name or name), SPARSE
         long_name = None
 
 
@@ -190,24 +210,29 @@ def _stream_size(stream) -> int:
     return size
 
 
+SPARSE = object()  # what tar_entries yields for a GNU sparse member's data (not read)
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def _is_meta(name: str) -> bool:
+    """webdataset's metadata members (``__index__``, ``__meta__/…``): not part of any sample."""
+    return bool(_META.match(name))
+
+
 def group_samples(members: Iterable[tuple[str, bytes | None]], url: str
                   ) -> Iterator[tuple[Sample, MemberError | None]]:
-    """Consecutive members with the same key form one sample (webdataset's rule).
+    """Consecutive members with the same key form one sample (webdataset's rule); members
+    without a ``key.extension`` name and metadata members are passed over, as webdataset does.
 
     Yields ``(sample, None)``, or ``(partial sample, error)`` for a sample that holds a
-    duplicate member or for a member with no ``key.extension`` name (a sample of its own):
-    each occupies one sample position, so positions agree with :func:`count_samples`.
+    duplicate or an unreadable (GNU sparse) member: each occupies one sample position, so
+    positions agree with :func:`count_samples`.
     """
     current: Sample | None = None
     error: MemberError | None = None
     for name, data in members:
-        parts = split_key(name)
+        parts = None if _is_meta(name) else split_key(name)
         if parts is None:
-            if current is not None:
-                yield current, error
-                current, error = None, None
-            yield {"__key__": name, "__url__": url}, MemberError(f"{url}: member {name!r} has no "
-                                                                 "key.extension name")
             continue
         key, ext = parts[0], parts[1].lower()
         if current is not None and current["__key__"] != key:
@@ -215,23 +240,33 @@ def group_samples(members: Iterable[tuple[str, bytes | None]], url: str
             current, error = None, None
         if current is None:
             current = {"__key__": key, "__url__": url}
-        if ext in current and error is None:
-            error = MemberError(f"{url}: duplicate member {name!r} in sample {key!r}")
+        if error is None and (ext in current or data is SPARSE):
+            why = "is a GNU sparse file" if data is SPARSE else f"is a duplicate in sample {key!r}"
+            error = MemberError(f"{url}: member {name!r} {why}")
         current[ext] = data
     if current is not None:
         yield current, error
 
 
-def count_samples(url: str) -> int:
+def _decompressed(stream, url: str):
+    """The tar stream itself, or its gzip decompression (``.tar.gz``/``.tgz``, or gzip magic)."""
+    head = stream.peek(2)[:2] if hasattr(stream, "peek") else b""
+    if head == b"\x1f\x8b" or url.endswith((".gz", ".tgz")):
+        return gzip.GzipFile(fileobj=stream, mode="rb")
+    return stream
+
+
+def count_samples(url: str, remote: dict | None = None) -> int:
     """Samples in one shard, from its tar headers alone (member data is seeked over). A
     shard that breaks off counts the sample it breaks off in: reading it then loses (and
     counts) exactly that one."""
     n = 0
-    with open_url(url) as stream:
+    with open_url(url, **(remote or {})) as stream:
+        tar = _decompressed(stream, url)
         try:
-            for _ in group_samples(tar_entries(stream, url, with_data=False), url):
+            for _ in group_samples(tar_entries(tar, url, with_data=tar is not stream), url):
                 n += 1
-        except ShardError:
+        except (ShardError, EOFError):
             n += 1
     return n
 
@@ -247,19 +282,20 @@ def _lost(url: str, start: int, stop: int | None, copy: int, skip: Skip) -> Iter
         yield (url, index, copy), skip
 
 
-def read_piece(piece: Piece, policy: str) -> Iterator[tuple[Origin, Sample | Skip]]:
+def read_piece(piece: Piece, policy: str, remote: dict | None = None) -> Iterator[tuple[Origin, Sample | Skip]]:
     """``(origin, sample)`` for each sample of the piece; under ``skip``/``warn`` a bad
     sample becomes a :class:`Skip` in its place and a broken shard ends the piece."""
     url, start, stop, copy = piece
     try:
-        stream = open_url(url)
+        stream = open_url(url, **(remote or {}))
     except Exception as exc:
         skip = skip_for(exc, url, f"shard {url}", policy, cause="unreadable shard")
         yield from _lost(url, start, stop, copy, skip)
         return
     index = -1
     try:
-        for index, (sample, error) in enumerate(group_samples(tar_entries(stream, url), url)):
+        members = tar_entries(_decompressed(stream, url), url)
+        for index, (sample, error) in enumerate(group_samples(members, url)):
             if index < start:
                 continue
             if stop is not None and index >= stop:
@@ -271,11 +307,19 @@ def read_piece(piece: Piece, policy: str) -> Iterator[tuple[Origin, Sample | Ski
         if stop is not None and index + 1 < stop:
             raise ShardError("shard shorter than its count",
                              f"{url}: {index + 1} samples, its manifest says {stop}")
-    except ShardError as exc:
-        skip = skip_for(exc, url, f"the rest of {url}", policy)
+        while stream.read(_CHUNK):  # to the end: a pipe: command's exit status is checked there
+            pass
+    except Exception as exc:  # the stream or the tar broke: the rest of the shard is lost
+        skip = skip_for(exc, url, f"the rest of {url}", policy, cause=_shard_cause(exc))
         yield from _lost(url, max(start, index + 1), stop, copy, skip)
     finally:
         stream.close()
+
+
+def _shard_cause(exc: Exception) -> str:
+    if isinstance(exc, ShardError):
+        return exc.cause
+    return "truncated shard" if isinstance(exc, EOFError) else "unreadable shard"
 
 
 # -- placement -------------------------------------------------------------------------
@@ -380,12 +424,15 @@ class ShardDataset(IterableDataset):
     else read from the tar headers once.
 
     ``on_error`` (default: the loader's) decides what a bad sample or shard costs; see
-    :mod:`fastload.errors`.
+    :mod:`fastload.errors`. Remote shards (s3://, gs://, http(s)://, hf://) stream with
+    read-ahead and retries; ``cache_dir`` keeps whole shards on local disk for later epochs,
+    at most ``cache_limit`` bytes, shared safely by workers and ranks (:mod:`fastload.remote`).
     """
 
     def __init__(self, urls: str | Iterable[str], *, shuffle: int = 0, seed: int = 0,
                  resampled: bool = False, transform: Callable | None = None,
-                 on_error: str | None = None, even_ranks: str | None = "repeat"):
+                 on_error: str | None = None, even_ranks: str | None = "repeat",
+                 cache_dir: str | None = None, cache_limit: int | None = None):
         self.urls = expand_urls(urls)
         if not self.urls:
             raise ValueError(f"no shards match {urls!r}")
@@ -394,6 +441,7 @@ class ShardDataset(IterableDataset):
         self.shuffle, self.seed, self.resampled = shuffle, seed, resampled
         self.transform, self.on_error = transform, check_policy(on_error)
         self.even_ranks = even_ranks
+        self.remote = {"cache_dir": cache_dir, "cache_limit": cache_limit}  # see fastload.remote
         self.epoch = 0
         self.skipped = 0  # skips seen by plain iteration (the loader counts its own)
         self._warned_idle = False
@@ -408,7 +456,7 @@ class ShardDataset(IterableDataset):
     def counts(self) -> dict[str, int]:
         """Samples per shard: the manifest's, else counted from the tar headers (once)."""
         if self._counts is None:
-            self._counts = {u: count_samples(u) for u in self.urls}
+            self._counts = {u: count_samples(u, self.remote) for u in self.urls}
         return self._counts
 
     def set_epoch(self, epoch: int) -> None:
@@ -475,7 +523,10 @@ class ShardDataset(IterableDataset):
         if self.resampled:
             rng = self._rng("resample")
             pieces = ((rng.choice(self.urls), 0, None, 0) for _ in iter(int, 1))
-        events = (event for piece in pieces for event in read_piece(piece, policy))
+        from .remote import read_ahead  # starts the next remote shard's download early
+
+        events = (event for piece in read_ahead(pieces, self.remote)
+                  for event in read_piece(piece, policy, self.remote))
         if self.shuffle:
             events = shuffle_buffer(events, self.shuffle, self._rng("samples"))
         return events
