@@ -453,3 +453,38 @@ def test_nothing_left_after_the_whole_file():
     gc.collect()
     assert not prefetch_threads()
     assert not shm_names()
+
+
+# -- faults at the wrong moment ------------------------------------------------------------
+@pytest.mark.parametrize("trial", range(3))
+def test_worker_killed_during_a_step_is_named(trial):
+    """The trainer holds a batch while a worker dies; releasing the batch then writes to the
+    dead worker's pipe. The error names the worker and its signal, not the broken pipe."""
+    base = Baseline()
+    loader = fastload.DataLoader(Numbers(n=200), batch_size=2, num_workers=2)
+    it = iter(loader)
+    batch = next(it)
+    pid = loader.worker_pids[trial % 2]
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)  # the trainer is inside its step
+    del batch
+    with pytest.raises(RuntimeError, match=rf"pid {pid}\) is killed by signal: SIGKILL"):
+        for _ in range(200):
+            next(it)
+    del it, loader
+    base.assert_clean([pid])
+
+
+def test_ctrl_c_while_workers_start_is_raised_not_lost():
+    warm_up("spawn")
+    base = Baseline()
+    loader = fastload.DataLoader(Numbers(), batch_size=2, num_workers=2, multiprocessing_context="spawn")
+    timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        it = iter(loader)
+        time.sleep(2)  # if the interrupt were lost, the loop below would run
+        list(it)
+    timer.join()
+    gc.collect()
+    base.assert_clean([])

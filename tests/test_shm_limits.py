@@ -1,5 +1,5 @@
-"""Running out of shared memory: a small /dev/shm (docker's default is 64 MB) must slow the
-loader down, not kill its workers with SIGBUS; and running out of file descriptors must say
+"""Running out of shared memory: a small /dev/shm (docker's default is 64 MB) must not limit
+the loader nor kill its workers with SIGBUS; and running out of file descriptors must say
 what to change.
 
 The loader tests run a script in a private mount namespace with its own small tmpfs on
@@ -73,7 +73,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _run_in_small_shm(tmp_path, shm_mb: int, sizes: list[int]) -> dict:
+def _run_in_small_shm(tmp_path, shm_mb: int, sizes: list[int], script: str = SCRIPT) -> dict:
     """Runs SCRIPT with a private ``shm_mb`` MB tmpfs on /dev/shm; skips where that is impossible."""
     if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
         pytest.skip("needs Linux with util-linux `unshare`")
@@ -83,14 +83,14 @@ def _run_in_small_shm(tmp_path, shm_mb: int, sizes: list[int]) -> dict:
                            capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a private tmpfs on /dev/shm (unshare -m): {probe.stderr.strip()}")
-    script = tmp_path / "small_shm.py"
-    script.write_text(SCRIPT)
+    path = tmp_path / "small_shm.py"
+    path.write_text(script)
     fallback = tmp_path / "fallback"
     fallback.mkdir()
     env = {**os.environ, "FASTLOAD_SHM_FALLBACK_DIR": str(fallback),
            "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     cmd = (f"mount -t tmpfs -o size={shm_mb}m tmpfs /dev/shm && "
-           f'exec "{sys.executable}" "{script}" \'{json.dumps(sizes)}\'')
+           f'exec "{sys.executable}" "{path}" \'{json.dumps(sizes)}\'')
     proc = subprocess.run(["unshare", "-m", "sh", "-c", cmd], capture_output=True, text=True,
                           env=env, timeout=120)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
@@ -104,31 +104,43 @@ def _run_in_small_shm(tmp_path, shm_mb: int, sizes: list[int]) -> dict:
 MB = 1 << 20
 
 
-def test_batch_larger_than_shm_arrives_via_fallback(tmp_path):
-    # 64 MB of /dev/shm (docker's default); batches 1 and 2 (one per worker) are 100 MB.
+def test_batches_larger_than_shm_arrive_without_touching_it(tmp_path):
+    # 64 MB of /dev/shm (docker's default); batches 1 and 2 (one per worker) are 100 MB. Segments
+    # are memfds: /dev/shm's size does not limit them and nothing is ever named there.
     sizes = [MB // 4, MB // 2, 50 * MB, 50 * MB, 50 * MB, 50 * MB, MB, MB // 4, MB // 2, MB]
     r = _run_in_small_shm(tmp_path, 64, sizes)
     assert r["shm_size"] == 64 * MB
     assert r["batches"] == 5 and r["bad"] == []
     assert r["largest"] == 100 * MB > r["shm_size"]
-    assert len(r["warnings"]) == 1, r["warnings"]
-    assert "--shm-size" in r["warnings"][0] and str(100 * MB) in r["warnings"][0]
+    assert r["warnings"] == []
+    assert r["shm_used_max"] == 0
     assert r["left_shm"] == [] and r["left_fallback"] == [] and r["fallback_files"] == []
-    assert r["shm_used_after"] == 0  # nothing kept alive in the small tmpfs either
 
 
-def test_batches_that_partly_fit_a_16mb_shm(tmp_path):
-    # 16 MB of /dev/shm: 6-14 MB batches fit one at a time (some without the slot's growth
-    # headroom), so segments land in /dev/shm and, when it is full, in the fallback dir.
-    sizes = [3 * MB, 3 * MB, 5 * MB, 5 * MB, 4 * MB, 6 * MB, 7 * MB, 7 * MB,
-             2 * MB, MB, 6 * MB, 8 * MB, MB // 2, MB // 2]
-    r = _run_in_small_shm(tmp_path, 16, sizes)
-    assert r["batches"] == 7 and r["bad"] == []
-    assert 0 < r["shm_used_max"] <= 16 * MB  # some batches did live in /dev/shm
-    assert len(r["warnings"]) == 1, r["warnings"]
-    assert "--shm-size" in r["warnings"][0]
-    assert r["left_shm"] == [] and r["left_fallback"] == [] and r["fallback_files"] == []
-    assert r["shm_used_after"] == 0
+LADDER = textwrap.dedent('''
+    import json, os
+    from fastload.loader import shm
+    MB = 1 << 20
+    lid = shm.new_loader_id()
+    got = []
+    for slot, (size, least) in enumerate([(8 * MB, None), (12 * MB, 6 * MB), (20 * MB, 20 * MB)]):
+        path, n, buf = shm.create_segment(shm.segment_path(lid, 0, slot, 1), size, least)
+        buf[:] = bytes(n)  # touch every page: no SIGBUS, the space was reserved
+        got.append([os.path.dirname(path), n])
+    left = sorted(os.listdir("/dev/shm")) + sorted(os.listdir(shm.fallback_dir()))
+    shm.unlink_matching(lid)
+    print("RESULT " + json.dumps({"got": got, "left": len(left),
+                                  "after": os.listdir("/dev/shm") + os.listdir(shm.fallback_dir())}))
+''')
+
+
+def test_named_segments_fall_back_from_a_full_shm(tmp_path):
+    """Where memfd is missing, segments are named files: a full 16 MB /dev/shm gives the
+    slot's minimum there, then a file in the fallback folder; every name is removed."""
+    r = _run_in_small_shm(tmp_path, 16, [], script=LADDER)
+    fallback = str(tmp_path / "fallback")
+    assert r["got"] == [["/dev/shm", 8 * MB], ["/dev/shm", 6 * MB], [fallback, 20 * MB]]
+    assert r["left"] == 3 and r["after"] == []
 
 
 def test_too_many_open_files_says_raise_ulimit(tmp_path, monkeypatch):

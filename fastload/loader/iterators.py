@@ -7,10 +7,12 @@ iterable datasets each worker's progress) and count skipped samples.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections import deque
 from functools import partial
@@ -241,9 +243,15 @@ class WorkerIter(_ResumableIter):
         if isinstance(ctx, str):
             ctx = multiprocessing.get_context(ctx)
         self._workers, self._inboxes, self._outboxes = [], [], []
+        with _interrupts_deferred():
+            self._spawn_workers(loader, ctx)
+        self._in_main = [0] * self._num_workers  # pooled slots holding batches on our side
+        self._permits = [0] * self._num_workers
+
+    def _spawn_workers(self, loader, ctx) -> None:
         for wid in range(self._num_workers):
             task_r, task_w = ctx.Pipe(duplex=False)
-            result_r, result_w = ctx.Pipe(duplex=False)
+            result_r, result_w = ctx.Pipe(duplex=True)  # a socket: memfds travel on it
             cfg = WorkerConfig(
                 dataset=self._dataset, is_iterable=self._dataset_kind == _DatasetKind.Iterable,
                 auto_collation=self._auto_collation, collate_fn=self._collate_fn, drop_last=self._drop_last,
@@ -257,8 +265,6 @@ class WorkerIter(_ResumableIter):
             self._workers.append(proc)
             self._inboxes.append(task_w)
             self._outboxes.append(result_r)
-        self._in_main = [0] * self._num_workers  # pooled slots holding batches on our side
-        self._permits = [0] * self._num_workers
 
     def _init_fn(self, loader):
         """The user's ``worker_init_fn``; for DataPipes first sharded by rank and worker, as torch does."""
@@ -271,7 +277,12 @@ class WorkerIter(_ResumableIter):
         return [w.pid for w in self._workers]
 
     def _send(self, wid: int, msg) -> None:
-        self._inboxes[wid].send(msg)
+        """A message to a worker; a worker that died meanwhile is reported by pid and signal,
+        not as the broken pipe its death left."""
+        try:
+            self._inboxes[wid].send(msg)
+        except (BrokenPipeError, ConnectionResetError):
+            self._raise_worker_failure(wid)
 
     def _reset(self, loader, first_iter: bool = False) -> None:
         if not first_iter:
@@ -401,7 +412,7 @@ class WorkerIter(_ResumableIter):
                 if obj in conns:
                     wid = conns[obj]
                     try:
-                        return wid, self._attach(wid, obj.recv())
+                        return wid, self._attach(wid, obj.recv(), obj)
                     except EOFError:
                         self._raise_worker_failure(wid)
             for obj in ready:
@@ -411,7 +422,7 @@ class WorkerIter(_ResumableIter):
             if deadline is not None and time.monotonic() > deadline:
                 raise RuntimeError(f"DataLoader timed out after {self._timeout} seconds")
 
-    def _attach(self, wid: int, msg):
+    def _attach(self, wid: int, msg, conn):
         """Maps a batch's segment (unlinking its name) and rebuilds the batch as views of it.
 
         A segment outside ``shm.SHM_DIR`` means ``/dev/shm`` was full and the worker fell back
@@ -434,12 +445,12 @@ class WorkerIter(_ResumableIter):
                 f"of this size), or set {shm.FALLBACK_ENV} to a fast disk.", stacklevel=2)
         if slot < 0:
             self._permits[wid] -= 1
-            buf = shm.attach_segment(path, size)
+            buf = shm.attach_segment(path, size, conn)
             release = _noop
         else:
             cached = self._segments.get((wid, slot))
             if cached is None or cached[0] != path:
-                cached = (path, shm.attach_segment(path, size))
+                cached = (path, shm.attach_segment(path, size, conn))
                 self._segments[(wid, slot)] = cached
             buf = cached[1]
             self._in_main[wid] += 1
@@ -500,3 +511,18 @@ class WorkerIter(_ResumableIter):
 
 def _noop() -> None:
     pass
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Holds SIGINT/SIGTERM while workers start: one arriving inside ``fork`` can be lost
+    (CPython's fork lock), and training would go on; held, it is raised right after. The
+    workers unblock them first thing (a blocked mask is inherited, across exec too)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

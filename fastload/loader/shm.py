@@ -1,11 +1,14 @@
 """Shared-memory segments that carry batches from workers to the main process.
 
-A worker owns a few *slots*; each slot is a named file in ``/dev/shm`` that the worker
-creates and maps once. The main process maps it when it first sees it and unlinks the name
-at once, so from then on the memory lives only in the two mappings and no crash can leak
-it. Batches are packed into a slot (tensors and arrays as raw bytes, everything else in a
-small pickled skeleton); the main process rebuilds them as zero-copy views, and the slot
-goes back to its worker when the last view of the batch is garbage collected.
+A worker owns a few *slots*; each slot is a segment the worker creates and maps once: an
+anonymous ``memfd`` whose descriptor is handed to the main process over the worker's socket.
+Nothing has a name, so no crash of any process can leak one (the kernel frees the memory
+with the last mapping), and ``/dev/shm``'s size (docker's default is 64 MB) does not limit
+it. Where memfd is missing or memory is short, a segment is a named file instead (in
+``/dev/shm``, else :func:`fallback_dir`), which the main process unlinks as it maps it.
+Batches are packed into a slot (tensors and arrays as raw bytes, everything else in a small
+pickled skeleton); the main process rebuilds them as zero-copy views, and the slot goes back
+to its worker when the last view of the batch is garbage collected.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import secrets
 import tempfile
 import weakref
 from dataclasses import dataclass
+from multiprocessing.reduction import recv_handle
 
 import numpy as np
 import torch
@@ -47,9 +51,57 @@ def fallback_dir() -> str:
     return os.environ.get(FALLBACK_ENV) or tempfile.gettempdir()
 
 
+MEMFD = "memfd:"  # the prefix of a memfd segment's name; its descriptor follows its message
+
+
 def is_fallback(path: str) -> bool:
-    """True for a segment that ``create_segment`` had to place outside ``SHM_DIR``."""
-    return os.path.dirname(path) != SHM_DIR
+    """True for a segment that ``create_segment`` had to place in a file outside ``SHM_DIR``."""
+    return not path.startswith(MEMFD) and os.path.dirname(path) != SHM_DIR
+
+
+@dataclass
+class Segment:
+    """A worker's mapped segment: ``fd`` is a memfd still to be handed over (else None)."""
+
+    path: str
+    size: int
+    buf: mmap.mmap
+    fd: int | None = None
+
+    def discard(self) -> None:
+        """Frees a segment the main process never received."""
+        try:
+            self.buf.close()
+        except BufferError:
+            pass  # a view is still referenced (by the failing call's traceback): freed with it
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        else:
+            os.unlink(self.path)
+
+
+def _memfd(name: str, size: int) -> Segment:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.posix_fallocate(fd, 0, size)  # short of memory: an error now, not SIGBUS later
+        return Segment(MEMFD + name, size, mmap.mmap(fd, size), fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def new_segment(path: str, size: int, min_size: int | None = None) -> Segment:
+    """A segment of ``size`` bytes (or ``min_size`` when memory is short): a memfd where the
+    platform has one, else a named file (:func:`create_segment`)."""
+    if hasattr(os, "memfd_create"):
+        for attempt in ([size] if min_size is None or min_size >= size else [size, min_size]):
+            try:
+                return _memfd(os.path.basename(path), attempt)
+            except OSError as exc:
+                if exc.errno not in _FULL + (errno.ENOMEM,):
+                    raise
+    return Segment(*create_segment(path, size, min_size))
 
 
 def unlink_matching(loader_id: str, worker: int | None = None) -> None:
@@ -114,14 +166,15 @@ def create_segment(path: str, size: int, min_size: int | None = None) -> tuple[s
                       spill) from exc
 
 
-def attach_segment(path: str, size: int) -> mmap.mmap:
-    """Maps a worker's segment and unlinks its name: the mapping keeps the memory alive.
+def attach_segment(path: str, size: int, conn=None) -> mmap.mmap:
+    """Maps a worker's segment: a memfd received on ``conn``, or a named file whose name is
+    unlinked at once. Either way the mapping alone keeps the memory alive.
 
     Each mapping holds a file descriptor (``mmap`` dups it), so many workers x slots can hit
     the open-files limit; that becomes an error saying what to change, as torch's does.
     """
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = recv_handle(conn) if path.startswith(MEMFD) else os.open(path, os.O_RDWR)
         try:
             return mmap.mmap(fd, size)
         finally:
@@ -134,10 +187,11 @@ def attach_segment(path: str, size: int) -> mmap.mmap:
             "slot keeps one file descriptor open in the main process: raise the limit with "
             "`ulimit -n` (e.g. `ulimit -n 65536`), or use fewer workers or a smaller shm_slots.") from exc
     finally:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        if not path.startswith(MEMFD):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 # -- packing ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import os
 import random
 import signal
 from collections import deque
+from multiprocessing.reduction import send_handle
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,57 +53,75 @@ class WorkerConfig:
 
 
 class Slots:
-    """This worker's pooled segments, grown (under a new name) when a batch outgrows one."""
+    """This worker's pooled segments, grown (as a new segment) when a batch outgrows one."""
 
     def __init__(self, cfg: WorkerConfig):
         self.cfg = cfg
         self.free = set(range(cfg.slots))
         self.permits = 0  # extra one-off segments the main process allowed
-        self.maps: dict[int, tuple[str, int, object]] = {}
+        self.segments: dict[int, shm.Segment] = {}
         self.generation = 0
+        self._new: list[shm.Segment] = []  # created for the message about to be sent
 
     def available(self) -> bool:
         return bool(self.free) or self.permits > 0
 
-    def _create(self, slot: int, size: int, need: int) -> tuple[str, int, object]:
-        """A new segment of ``size`` bytes, or of just ``need`` when ``/dev/shm`` has no room for
-        the headroom; if even that does not fit, ``shm.create_segment`` puts it in a file
-        elsewhere (the main process warns once). Returns ``(path, size, mapping)``."""
+    def _create(self, slot: int, size: int, need: int) -> shm.Segment:
+        """A new segment of ``size`` bytes, or of just ``need`` when memory has no room for the
+        headroom (then a file elsewhere: the main process warns once)."""
         self.generation += 1
         path = shm.segment_path(self.cfg.loader_id, self.cfg.worker_id, slot, self.generation)
-        return shm.create_segment(path, size, min_size=need)
+        segment = shm.new_segment(path, size, min_size=need)
+        self._new.append(segment)
+        return segment
 
     def write(self, batch) -> tuple[int, str, int, bytes]:
-        """Packs ``batch`` into a free slot (or a permitted extra); returns where it went."""
+        """Packs ``batch`` into a free slot (or a permitted extra); returns where it went.
+        A failed write (say, a kernel's) leaves the slot usable and no segment behind."""
         need = max(shm.packed_size(batch), 64)
         if not self.free:
             return self._write_extra(batch, need)
         slot = self.free.pop()
         try:
-            path, size, buf = self.maps.get(slot, (None, 0, None))
-            if size < need:
-                if buf is not None:
-                    buf.close()
-                    del self.maps[slot]
-                path, size, buf = self._create(slot, _round_up(max(need, int(size * 1.5)), 1 << 20), need)
-                self.maps[slot] = (path, size, buf)
-            return slot, path, size, shm.pack(batch, buf)
+            segment = self.segments.get(slot)
+            if segment is None or segment.size < need:
+                if segment is not None:
+                    segment.buf.close()
+                grown = _round_up(max(need, int(segment.size * 1.5) if segment else 0), 1 << 20)
+                segment = self.segments[slot] = self._create(slot, grown, need)
+            return slot, segment.path, segment.size, shm.pack(batch, segment.buf)
         except BaseException:
-            self.free.add(slot)  # a failed write (say, a kernel's) leaves the slot usable
+            self.free.add(slot)
+            if self.segments.get(slot) in self._new:
+                del self.segments[slot]
+            self._discard_new()
             raise
 
     def _write_extra(self, batch, need: int) -> tuple[int, str, int, bytes]:
-        """Packs into a one-off segment the main process permitted; its name carries it over."""
-        path, _, buf = self._create(-1, need, need)
+        """Packs into a one-off segment the main process permitted."""
+        segment = self._create(-1, need, need)
         try:
-            skeleton = shm.pack(batch, buf)
+            skeleton = shm.pack(batch, segment.buf)
         except BaseException:
-            os.unlink(path)
+            self._discard_new()
             raise
-        finally:
-            buf.close()  # the named file keeps the bytes until the main process maps it
+        segment.buf.close()  # the memfd (or the named file) keeps the bytes until the main maps them
         self.permits -= 1
-        return -1, path, need, skeleton
+        return -1, segment.path, need, skeleton
+
+    def hand_over(self, outbox) -> None:
+        """Sends the memfds of the message just sent (the main process receives them next)."""
+        for segment in self._new:
+            if segment.fd is not None:
+                send_handle(outbox, segment.fd, 0)
+                os.close(segment.fd)
+                segment.fd = None
+        self._new.clear()
+
+    def _discard_new(self) -> None:
+        for segment in self._new:
+            segment.discard()
+        self._new.clear()
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -150,6 +169,7 @@ def worker_loop(cfg: WorkerConfig, inbox, outbox) -> None:
     _in_worker = True
     _pending_ok = bool(getattr(cfg.collate_fn, "accepts_pending_pixels", False))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # held while we started
     _keep_freed_memory()
     torch.set_num_threads(1)
     seed = _seed(cfg)
@@ -239,6 +259,7 @@ def _serve(cfg: WorkerConfig, fetcher: Fetcher, init_error, inbox, outbox) -> No
             continue
         try:
             outbox.send(_run_task(cfg, fetcher, slots, idx, index))
+            slots.hand_over(outbox)
         except StopIteration:
             exhausted = True
             outbox.send((idx, "end"))
