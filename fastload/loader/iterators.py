@@ -1,9 +1,10 @@
 """The loader's iterators: in-process, and with worker processes over shared memory.
 
 Both follow torch's ``_BaseDataLoaderIter`` (which they extend) for sampling, seeding and
-ordering, so the batches and their order are torch's. On top they keep what an exact
-resume needs (the RNG state the epoch's order was drawn from, batches delivered, and for
-iterable datasets each worker's progress) and count skipped samples.
+ordering, so the batches and their order are torch's. On top they keep what a resume needs
+(the RNG state the epoch's order was drawn from; which batches of the sampler's order, or
+which samples of which shards, the trainer has; samplers' and datasets' own states) and
+count skipped samples.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ from ..errors import merge_counts
 from ..progress import IndexSet, Progress
 from . import shm
 from .fetch import EMPTY, Fetcher
-from .resume import layout
 from .worker import WorkerConfig, worker_loop
 
 _POLL_S = 0.1
@@ -58,7 +58,6 @@ class _ResumableIter(_BaseDataLoaderIter):
         self._generator = loader.generator
         self._finished = False
         self._kind = _kind(self._dataset, self._dataset_kind)
-        self._layout = layout(loader.num_workers)
         self._done = Progress()
         self._batches_done = IndexSet()  # map-style: positions of the batches delivered
         self._drawn = self._last_pos = 0
