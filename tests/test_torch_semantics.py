@@ -102,3 +102,33 @@ def test_nested_and_sparse_tensors_travel_like_torch():
             assert torch.equal(x["sparse"].to_dense(), y["sparse"].to_dense()) and y["sparse"].is_sparse
             assert y["nested"].is_nested
             assert all(torch.equal(p, q) for p, q in zip(x["nested"].unbind(), y["nested"].unbind()))
+
+
+FD_LIMIT_SCRIPT = """
+import resource, sys, torch
+import fastload
+from torch.utils.data import IterableDataset
+
+class Random(IterableDataset):
+    def __iter__(self):
+        return (torch.randn(2, 2) for _ in range(200))
+
+loader_cls = {"torch": torch.utils.data.DataLoader, "fastload": fastload.DataLoader}[sys.argv[1]]
+keep = []
+resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+try:
+    for t in loader_cls(Random(), multiprocessing_context="fork", num_workers=1):
+        keep.append(t)  # every batch kept alive: each holds a descriptor
+    print("NO ERROR")
+except RuntimeError as e:
+    print("ULIMIT" if "ulimit -n" in str(e) and "set_sharing_strategy" in str(e) else repr(e))
+"""
+
+
+def test_running_out_of_descriptors_says_what_to_change():
+    import subprocess
+    import sys
+    for name in ("torch", "fastload"):
+        out = subprocess.run([sys.executable, "-c", FD_LIMIT_SCRIPT, name], capture_output=True, text=True,
+                             timeout=120)
+        assert out.stdout.strip().splitlines()[-1] == "ULIMIT", (name, out.stdout, out.stderr[-2000:])

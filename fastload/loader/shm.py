@@ -166,6 +166,15 @@ def create_segment(path: str, size: int, min_size: int | None = None) -> tuple[s
                       spill) from exc
 
 
+def _receive_fd(conn) -> int:
+    """The memfd a worker sent. The kernel drops a descriptor that would exceed the open-files
+    limit (Python then reports missing ancillary data): that is EMFILE."""
+    try:
+        return recv_handle(conn)
+    except RuntimeError as exc:
+        raise OSError(errno.EMFILE, f"a segment's descriptor was dropped on receipt ({exc})") from exc
+
+
 def attach_segment(path: str, size: int, conn=None) -> mmap.mmap:
     """Maps a worker's segment: a memfd received on ``conn``, or a named file whose name is
     unlinked at once. Either way the mapping alone keeps the memory alive.
@@ -174,7 +183,7 @@ def attach_segment(path: str, size: int, conn=None) -> mmap.mmap:
     the open-files limit; that becomes an error saying what to change, as torch's does.
     """
     try:
-        fd = recv_handle(conn) if path.startswith(MEMFD) else os.open(path, os.O_RDWR)
+        fd = _receive_fd(conn) if path.startswith(MEMFD) else os.open(path, os.O_RDWR)
         try:
             return mmap.mmap(fd, size)
         finally:
@@ -184,8 +193,11 @@ def attach_segment(path: str, size: int, conn=None) -> mmap.mmap:
             raise
         raise RuntimeError(
             f"fastload: too many open files while mapping a batch segment ({exc}). Each worker "
-            "slot keeps one file descriptor open in the main process: raise the limit with "
-            "`ulimit -n` (e.g. `ulimit -n 65536`), or use fewer workers or a smaller shm_slots.") from exc
+            "slot, and each batch the trainer keeps beyond them, holds one file descriptor in the "
+            "main process: raise the limit with `ulimit -n` (e.g. `ulimit -n 65536`), keep fewer "
+            "batches alive, or use fewer workers or a smaller shm_slots (torch's advice, "
+            "torch.multiprocessing.set_sharing_strategy('file_system'), does not apply: fastload "
+            "does not use torch's sharing strategies).") from exc
     finally:
         if not path.startswith(MEMFD):
             try:
