@@ -1,15 +1,19 @@
 """fastload: a high-throughput multimodal DataLoader for fine-tuning Qwen2.5-VL."""
+from .budget import SampleTooLong, TokenBatchSampler, TokenBudget
 from .collate import Qwen2VLCollator
 from .loader import DataLoader
 from .decode import DecompressionBombError, ImageDecodeError, image_size
 from .errors import Skip
 from .loader.resume import ResumeError
+from .mrope import Qwen2VLRopeCollator, rope_index
+from .packing import Qwen2VLPackingCollator
 from .shards import ShardDataset
 from .text import Qwen2VLTransform, SampleError
 from .vision import Qwen2VLImageProcessor, VisionConfig, expand_patches, num_image_tokens, smart_resize
 
 __all__ = [
     "DataLoader", "DecompressionBombError", "ImageDecodeError", "Qwen2VLCollator", "Qwen2VLImageProcessor",
-    "Qwen2VLTransform", "ResumeError", "SampleError", "ShardDataset", "Skip", "VisionConfig",
-    "expand_patches", "image_size", "num_image_tokens", "smart_resize",
+    "Qwen2VLPackingCollator", "Qwen2VLRopeCollator", "Qwen2VLTransform", "ResumeError", "SampleError",
+    "SampleTooLong", "ShardDataset", "Skip", "TokenBatchSampler", "TokenBudget", "VisionConfig",
+    "expand_patches", "image_size", "num_image_tokens", "rope_index", "smart_resize",
 ]

@@ -25,9 +25,11 @@ class Columns:
 
     formatting: str = "sharegpt"
     messages: str = "messages"
-    images: str = "images"
-    system: str = "system"
-    tools: str = "tools"
+    images: str | None = "images"
+    system: str | None = "system"
+    tools: str | None = "tools"
+    videos: str | None = "videos"
+    audios: str | None = "audios"
     prompt: str = "instruction"
     query: str = "input"
     response: str = "output"
@@ -43,18 +45,29 @@ class Columns:
 
     @classmethod
     def from_dataset_info(cls, path: str, name: str) -> tuple["Columns", str]:
-        """Columns and data file of entry ``name`` in a ``dataset_info.json``."""
+        """Columns and data file of entry ``name`` in a ``dataset_info.json``, read as
+        LLaMA-Factory reads it: ``system``, ``tools``, ``images``, ``videos`` and ``audios``
+        columns only when mapped, sharegpt tags defaulting to ``from``/``value``/``human``/``gpt``."""
         with open(path) as f:
             info = json.load(f)
         if name not in info:
             raise KeyError(f"{path}: no dataset named {name!r} (have: {', '.join(info)})")
         entry = info[name]
-        values = {"formatting": entry.get("formatting", "alpaca")}
+        if "file_name" not in entry:
+            raise KeyError(f"{path}: dataset {name!r} is not a local file (hub datasets are not read)")
+        values = {"formatting": entry.get("formatting", "alpaca"), **_UNMAPPED}
+        if values["formatting"] == "sharegpt":
+            values.update(_SHAREGPT_DEFAULTS)
         values.update(entry.get("columns", {}))
         values.update(entry.get("tags", {}))
         known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
         data_file = os.path.join(os.path.dirname(path), entry["file_name"])
         return cls(**known), data_file
+
+
+_UNMAPPED = {"system": None, "tools": None, "images": None, "videos": None, "audios": None, "history": None}
+_SHAREGPT_DEFAULTS = {"messages": "conversations", "role_tag": "from", "content_tag": "value",
+                      "user_tag": "human", "assistant_tag": "gpt"}
 
 
 def _role(tag: str, cols: Columns) -> str:
@@ -109,12 +122,15 @@ def chat_record(row: dict, cols: Columns, index: int) -> dict:
     if fmt == "auto":
         fmt = "sharegpt" if (cols.messages in row or "conversations" in row) else "alpaca"
     messages = sharegpt_messages(row, cols) if fmt == "sharegpt" else alpaca_messages(row, cols)
+    for column in (cols.videos, cols.audios):
+        if column and _as_list(row.get(column)):
+            raise RecordError(f"has {column!r}: video and audio records are not supported yet")
     meta = {"messages": messages}
-    if row.get(cols.system):
-        meta["system"] = row[cols.system]
-    if row.get(cols.tools):
+    if cols.system and isinstance(row.get(cols.system), str):
+        meta["system"] = row[cols.system]  # even "": templates tell an empty system from none
+    if cols.tools and row.get(cols.tools):
         meta["tools"] = row[cols.tools]
-    images = _as_list(row.get(cols.images, row.get("image")))
+    images = _as_list(row.get(cols.images, row.get("image"))) if cols.images else []
     meta["images"] = [im if isinstance(im, str) else f"<bytes:{i}>" for i, im in enumerate(images)]
     placeholders = sum(m["content"].count("<image>") for m in messages)
     if placeholders != len(images):
@@ -220,3 +236,31 @@ def open_source(path: str, cols: Columns | None = None) -> Iterator[dict | Recor
     if path.endswith(".parquet"):
         return parquet_records(path, cols)
     return chat_records(path, cols)
+
+
+def dataset_names(value: str | list[str]) -> list[str]:
+    """``"a,b,c"`` (LLaMA-Factory's ``dataset`` argument) -> ``["a", "b", "c"]``."""
+    names = value if isinstance(value, list) else value.split(",")
+    return [n.strip() for n in names if n.strip()]
+
+
+def dataset_records(info_path: str, names: list[str], fmt: str | None = None) -> Iterator[dict | RecordError]:
+    """The records of several ``dataset_info.json`` entries one after another, as LLaMA-Factory
+    concatenates them, numbered on across datasets so that shard keys stay unique; each record
+    names its ``source`` file."""
+    offset = 0
+    for name in names:
+        cols, data_file = Columns.from_dataset_info(info_path, name)
+        if fmt:
+            cols.formatting = fmt
+        if not os.path.exists(data_file):
+            raise RecordError(f"dataset {name!r}: {data_file} does not exist")
+        count = top = 0
+        for record in open_source(data_file, cols):
+            count += 1
+            if isinstance(record, RecordError):
+                yield RecordError(f"dataset {name!r}: {record}")
+                continue
+            top = max(top, record["id"] + 1)
+            yield {**record, "id": offset + record["id"], "source": data_file}
+        offset += max(count, top)

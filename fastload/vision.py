@@ -9,13 +9,15 @@ import json
 import math
 import os
 from dataclasses import dataclass, fields, replace
+from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
 from . import _kernels
-from .decode import MAX_IMAGE_PIXELS, as_bytes, check_pixels, decode, pil_to_rgb, read_header
+from .decode import MAX_IMAGE_PIXELS, Header, as_bytes, check_pixels, decode, pil_to_rgb, read_header
+from .tokenizer import resolve_processor
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -75,7 +77,8 @@ class VisionConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides) -> "VisionConfig":
-        with open(os.path.join(path, "preprocessor_config.json")) as f:
+        """From a processor folder or a hub id in the local cache (see ``resolve_processor``)."""
+        with open(os.path.join(resolve_processor(path), "preprocessor_config.json")) as f:
             return cls.from_dict(json.load(f), **overrides)
 
     @property
@@ -130,6 +133,29 @@ def num_image_tokens(width: int, height: int, config: VisionConfig | dict | None
     return t * h * w // config.merge_size ** 2
 
 
+class PreResize(Protocol):
+    """Resizes a pipeline applies before the processor's ``smart_resize``, each one Pillow's
+    bicubic (LLaMA-Factory's ``image_max_pixels``: see :mod:`fastload.llamafactory`). The
+    kernel reproduces Pillow's resize bit for bit, so the chain runs there on the decoded
+    pixels: no re-encoding, and the grid is still known from the header alone."""
+
+    def size(self, header: Header) -> tuple[int, int]:
+        """(width, height) the processor receives for an image with this header."""
+
+    def rgb(self, data: bytes, header: Header, exact: bool, max_pixels: int | None) -> np.ndarray:
+        """Decoded pixels, resized as the pipeline does (through :func:`resize_rgb`)."""
+
+    def resize_array(self, rgb: np.ndarray, exact: bool) -> np.ndarray:
+        """The same resizes for an already decoded RGB array."""
+
+
+def resize_rgb(rgb: np.ndarray, width: int, height: int, exact: bool = True) -> np.ndarray:
+    """uint8 RGB resized with Pillow's bicubic (bit-identical with ``exact``) by the kernel."""
+    out = fresh_array((height, width, 3), np.uint8)
+    _kernels.resize(np.ascontiguousarray(rgb), out, height, width, exact)
+    return out
+
+
 def _to_rgb_array(image, config: VisionConfig, fast: bool,
                   max_pixels: int | None) -> tuple[np.ndarray, tuple[int, int]]:
     """Decoded RGB pixels and the resize target (height, width) of the *original* image.
@@ -180,10 +206,11 @@ class Qwen2VLImageProcessor:
 
     def __init__(self, config: VisionConfig | None = None, *, exact: bool = False,
                  dtype: torch.dtype = torch.float32, max_image_pixels: int | None = MAX_IMAGE_PIXELS,
-                 **overrides):
+                 pre_resize: PreResize | None = None, **overrides):
         config = config or VisionConfig()
         self.config = replace(config, **overrides) if overrides else config
         self.exact = exact
+        self.pre_resize = pre_resize
         self.dtype = dtype
         self.max_image_pixels = max_image_pixels
         self._lut = self.config.lut(dtype)
@@ -209,8 +236,25 @@ class Qwen2VLImageProcessor:
 
     # -- pixels ---------------------------------------------------------------
     def rgb(self, image) -> tuple[np.ndarray, tuple[int, int]]:
-        """Decoded RGB of one image (approximate and DCT-scaled unless ``exact``) and its resize target."""
-        return _to_rgb_array(image, self.config, not self.exact, self.max_image_pixels)
+        """Decoded RGB of one image (approximate and DCT-scaled unless ``exact``) and its resize
+        target; with ``pre_resize``, the pixels are already pre-resized."""
+        if self.pre_resize is None:
+            return _to_rgb_array(image, self.config, not self.exact, self.max_image_pixels)
+        if isinstance(image, (np.ndarray, Image.Image)):
+            rgb, _ = _to_rgb_array(image, self.config, False, None)
+            rgb = self.pre_resize.resize_array(rgb, self.exact)
+        else:
+            data = as_bytes(image)
+            rgb = self.pre_resize.rgb(data, read_header(data), self.exact, self.max_image_pixels)
+        return np.ascontiguousarray(rgb), self.config.target_size(rgb.shape[0], rgb.shape[1])
+
+    def input_size(self, header: Header) -> tuple[int, int]:
+        """(width, height) of the image ``smart_resize`` sees, from its header alone."""
+        return self.pre_resize.size(header) if self.pre_resize else header.size
+
+    def num_tokens(self, header: Header) -> int:
+        """``<|image_pad|>`` tokens of an image, from its header alone."""
+        return num_image_tokens(*self.input_size(header), self.config)
 
     def _grid(self, target: tuple[int, int]) -> tuple[int, int, int]:
         return 1, target[0] // self.config.patch_size, target[1] // self.config.patch_size
@@ -218,9 +262,7 @@ class Qwen2VLImageProcessor:
     def resized(self, image) -> tuple[np.ndarray, tuple[int, int, int]]:
         """The uint8 wire format: the resized (h, w, 3) image and its grid (t, h, w)."""
         rgb, (th, tw) = self.rgb(image)
-        out = fresh_array((th, tw, 3), np.uint8)
-        _kernels.resize(rgb, out, th, tw, self.exact)
-        return out, self._grid((th, tw))
+        return resize_rgb(rgb, tw, th, self.exact), self._grid((th, tw))
 
     def process_into(self, rgb: np.ndarray, target: tuple[int, int], out: np.ndarray) -> None:
         """Runs the fused kernel: decoded pixels -> patches of the ``target`` size, into ``out``."""

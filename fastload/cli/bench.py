@@ -14,6 +14,7 @@ from rich.table import Table
 
 from .. import bench
 from ..shards import expand_urls
+from ..tokenizer import resolve_processor
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 170)
 
@@ -33,7 +34,8 @@ def parse_workers(text: str) -> list[int] | str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fastload-bench", description=__doc__.split("\n")[0])
     p.add_argument("shards", help="shard url(s), brace ranges allowed")
-    p.add_argument("--processor", required=True, help="Qwen2.5-VL processor directory")
+    p.add_argument("--processor", required=True,
+                   help="Qwen2.5-VL processor: a folder, or a hub id in the local Hugging Face cache")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=parse_workers, default=[0, 1, 2, 4], help="e.g. 0,1,2,4 or auto")
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per setting (after warm-up)")
@@ -53,6 +55,10 @@ def check_inputs(args) -> None:
     if missing:
         raise SystemExit(f"fastload-bench: {len(missing)} of {len(urls)} shards do not exist "
                          f"(first: {missing[0]})")
+    try:  # a folder, or a hub id in the local Hugging Face cache
+        args.processor = resolve_processor(args.processor)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"fastload-bench: {args.processor!r} is not a readable processor directory: {exc}") from exc
     config = os.path.join(args.processor, "preprocessor_config.json")
     if not os.path.isfile(config) or not os.access(config, os.R_OK):
         raise SystemExit(f"fastload-bench: {args.processor!r} is not a readable processor directory "

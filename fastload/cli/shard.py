@@ -5,31 +5,27 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import io
+import itertools
 import json
 import logging
 import multiprocessing as mp
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 
 from tqdm import tqdm
 
-from ..decode import EXTENSIONS, ImageDecodeError, decode, read_header, sniff_format
-from ..sources import Columns, RecordError, open_source
+from ..decode import EXTENSIONS, MAX_IMAGE_PIXELS, ImageDecodeError, check_pixels, decode, read_header, sniff_format
+from ..sources import Columns, RecordError, dataset_names, dataset_records, open_source
 from ..writer import ImageStats, ShardWriter
 
 log = logging.getLogger("fastload.shard")
-
-
-class FileRef(str):
-    """An image file whose bytes go into the shard unchanged: pool workers send the path
-    back instead of the bytes, and the writing process reads it (from the page cache)."""
-
-    def read(self) -> bytes:
-        with open(self, "rb") as f:
-            return f.read()
 
 
 def resolve_image(ref, root: str) -> tuple[str, bytes, str | None]:
@@ -47,11 +43,12 @@ def resolve_image(ref, root: str) -> tuple[str, bytes, str | None]:
 
 
 def reencode(data: bytes, max_pixels: int) -> bytes:
-    """Shrinks an image to at most ``max_pixels`` (aspect kept), re-encoded as JPEG."""
+    """Shrinks an image to at most ``max_pixels`` (aspect kept), re-encoded as JPEG; the
+    decode keeps its bomb and memory limits."""
     import numpy as np
     from PIL import Image
 
-    rgb = np.ascontiguousarray(decode(data, max_pixels=None))
+    rgb = np.ascontiguousarray(decode(data))
     height, width = rgb.shape[:2]
     scale = (max_pixels / (width * height)) ** 0.5
     size = (max(1, int(width * scale)), max(1, int(height * scale)))
@@ -60,10 +57,11 @@ def reencode(data: bytes, max_pixels: int) -> bytes:
     return out.getvalue()
 
 
-def convert(record, *, source: str, root: str, max_pixels: int | None, validate: bool,
-            by_reference: bool = False):
+def convert(record, *, source: str, root: str, max_pixels: int | None, validate: bool):
     """A record -> ("ok", key, members, image infos) or ("error", message). Runs in pool
-    workers, which return unchanged image files ``by_reference`` (see FileRef)."""
+    workers. Each image file is read once: the bytes checked are the bytes written. Images
+    over the decode limits (``fastload.decode``: pixels, memory) are errors with or
+    without ``--validate``, as the loader would refuse them."""
     if isinstance(record, Exception):
         return "error", str(record)
     members, infos = {}, []
@@ -74,20 +72,42 @@ def convert(record, *, source: str, root: str, max_pixels: int | None, validate:
             if fmt is None:
                 raise RecordError(f"image {name!r} is not a recognised image format")
             header = read_header(data)
+            check_pixels(header, MAX_IMAGE_PIXELS)
             width, height = header.size
             if max_pixels and width * height > max_pixels:
                 data, fmt, path = reencode(data, max_pixels), "jpeg", None
                 width, height = read_header(data).size
             if validate:
-                decode(data, max_pixels=None)
+                decode(data)
             ext = EXTENSIONS[fmt]
-            member = FileRef(path) if by_reference and path else data
-            members[f"{i}.{ext}" if len(record["images"]) > 1 else ext] = member
+            members[f"{i}.{ext}" if len(record["images"]) > 1 else ext] = data
             infos.append((fmt, width, height, len(data)))
     except (RecordError, ImageDecodeError, ValueError, OSError) as exc:
-        return "error", f"{source} record {record['id']}: {exc}"
+        return "error", f"{record.get('source', source)} record {record['id']}: {exc}"
     members["json"] = json.dumps(record["meta"], ensure_ascii=False).encode("utf-8")
     return "ok", f"{record['id']:09d}", members, infos
+
+
+def _convert_chunk(work: Callable, chunk: list) -> list:
+    return [work(record) for record in chunk]
+
+
+def pool_map(work: Callable, records: Iterable, workers: int, chunk: int = 16) -> Iterator:
+    """``work(record)`` for each record, in order, in ``workers`` processes, at most two chunks
+    per worker ahead (memory stays flat however long the dataset). Unlike
+    ``multiprocessing.Pool.imap``, which waits forever for the tasks of a worker that was
+    killed, a dead worker raises ``BrokenProcessPool``."""
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+    pending, records = collections.deque(), iter(records)
+    try:
+        while batch := list(itertools.islice(records, chunk)):
+            pending.append(pool.submit(_convert_chunk, work, batch))
+            if len(pending) >= 2 * workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,7 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(optional with --dataset-info/--dataset)")
     p.add_argument("output", help="output prefix: writes PREFIX-000000.tar ... and PREFIX.manifest.json")
     p.add_argument("--dataset-info", help="LLaMA-Factory dataset_info.json giving the column mapping")
-    p.add_argument("--dataset", help="entry of --dataset-info to convert")
+    p.add_argument("--dataset", help="entry of --dataset-info to convert; several as a,b,c (concatenated)")
+    p.add_argument("--llamafactory", metavar="CONFIG",
+                   help="a LLaMA-Factory training YAML: its dataset, dataset_dir and media_dir")
     p.add_argument("--format", choices=["auto", "sharegpt", "alpaca"], default=None,
                    help="record format for JSON input (default: from dataset_info, else auto)")
     p.add_argument("--image-root", help="directory image paths are relative to (default: the input's)")
@@ -108,7 +130,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--validate", action="store_true", help="decode every image")
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local (default) or ray: the same conversion as parallel Ray Data tasks "
+                   "(pip install 'fastload[ray]'; --workers N caps a local Ray's CPUs)")
+    p.add_argument("--ray-address", help="with --engine ray: a running cluster (default: start a local Ray)")
     args = p.parse_args(argv)
+    if args.llamafactory:
+        from ..llamafactory import shard_inputs
+
+        args.dataset_info, names, media_dir = shard_inputs(args.llamafactory)
+        args.dataset, args.image_root = ",".join(names), args.image_root or media_dir
     if args.input is None and not (args.dataset_info and args.dataset):
         p.error("give an input file/folder, or --dataset-info with --dataset")
     return args
@@ -120,7 +151,11 @@ def _source(args) -> tuple:
     if args.dataset_info:
         if not args.dataset:
             raise SystemExit("fastload-shard: --dataset-info needs --dataset NAME")
-        cols, data_file = Columns.from_dataset_info(args.dataset_info, args.dataset)
+        names = dataset_names(args.dataset)
+        if len(names) > 1 and not path:  # LLaMA-Factory's media_dir: the dataset_info folder
+            root = args.image_root or os.path.dirname(os.path.abspath(args.dataset_info))
+            return dataset_records(args.dataset_info, names, args.format), root, args.dataset_info
+        cols, data_file = Columns.from_dataset_info(args.dataset_info, names[0])
         path = path or data_file
     if args.format:
         cols.formatting = args.format
@@ -131,6 +166,10 @@ def _source(args) -> tuple:
 
 
 def run(args) -> int:
+    if args.engine == "ray":
+        from ..convert_ray import run_cli
+
+        return run_cli(args)
     records, root, path = _source(args)
     # Without --validate or --max-pixels there is nothing to compute per image: conversion is
     # bound by reading and writing, and worker processes only add copies (measured in
@@ -138,12 +177,10 @@ def run(args) -> int:
     parallel = args.workers > 1 and (args.validate or args.max_pixels)
     if args.workers > 1 and not parallel:
         log.info("--workers %d: nothing to compute per image, converting in one process", args.workers)
-    work = partial(convert, source=path, root=root, max_pixels=args.max_pixels, validate=args.validate,
-                   by_reference=bool(parallel))
+    work = partial(convert, source=path, root=root, max_pixels=args.max_pixels, validate=args.validate)
     writer = ShardWriter(args.output, maxcount=args.maxcount, maxsize=int(args.maxsize))
     stats, errors, start = ImageStats(), [], time.perf_counter()
-    pool = mp.get_context("fork").Pool(args.workers) if parallel else None
-    results = pool.imap(work, records, chunksize=16) if pool else map(work, records)
+    results = pool_map(work, records, args.workers) if parallel else map(work, records)
     bar = tqdm(results, unit=" samples", disable=args.quiet, desc="sharding")
     try:
         for result in bar:
@@ -154,15 +191,16 @@ def run(args) -> int:
                     raise SystemExit(f"fastload-shard: {result[1]}")
                 continue
             _, key, members, infos = result
-            writer.write(key, {k: v.read() if isinstance(v, FileRef) else v for k, v in members.items()})
+            writer.write(key, members)
             for info in infos:
                 stats.add(*info)
+    except BrokenProcessPool as exc:
+        writer.abort()
+        raise SystemExit("fastload-shard: a worker process died (killed, or out of memory?); "
+                         "no partial shard was kept") from exc
     except BaseException:
         writer.abort()
         raise
-    finally:
-        if pool:
-            pool.terminate()
     elapsed = time.perf_counter() - start
     shards = writer.close({"source": os.path.abspath(path), "images": stats.summary(),
                            "skipped": len(errors), "errors": errors[:100]})
