@@ -401,6 +401,12 @@ def find_manifest(urls: list[str]) -> dict | None:
         return json.load(f)
 
 
+def _remote_manifest(urls: list[str]) -> dict | None:
+    from .remote import find_remote_manifest  # fetched over fsspec: see fastload.remote
+
+    return find_remote_manifest(urls)
+
+
 def _is_local(url: str) -> bool:
     return not url.startswith("pipe:") and ("://" not in url or url.startswith("file://"))
 
@@ -445,7 +451,7 @@ class ShardDataset(IterableDataset):
         self.epoch = 0
         self.skipped = 0  # skips seen by plain iteration (the loader counts its own)
         self._warned_idle = False
-        manifest = find_manifest(self.urls)
+        manifest = find_manifest(self.urls) or _remote_manifest(self.urls)
         self._counts = self._manifest_counts(manifest) if manifest else None
 
     def _manifest_counts(self, manifest: dict) -> dict[str, int] | None:
@@ -542,10 +548,20 @@ class ShardDataset(IterableDataset):
         delivered is left out after the shuffle buffer, so the rest comes in the same order.
         """
         policy = resolve(self.on_error, on_error)
+        yield from self.transformed(self.raw_stream(policy, resume), policy)
+
+    def raw_stream(self, policy: str, resume: dict | None = None) -> Iterator[tuple[Origin, Sample | Skip]]:
+        """:meth:`stream` before the transform: where a stage that regroups raw samples
+        (``fastload.budget.TokenBatches``) goes."""
         events = self._raw(self.pieces(resume), policy)
         if resume is not None and resume["mode"] == "exact":
             done = Progress.from_states(*resume["progress"])
             events = (event for event in events if event[0] not in done)
+        yield from events
+
+    def transformed(self, events: Iterable[tuple[Origin, Sample | Skip]], policy: str
+                    ) -> Iterator[tuple[Origin, object]]:
+        """The transform applied to raw events under ``policy`` (a failure becomes a Skip)."""
         for origin, item in events:
             if isinstance(item, Skip) or self.transform is None:
                 yield origin, item

@@ -14,6 +14,8 @@ from typing import TypeVar
 import torch
 import torch.utils.data
 
+from .. import budget
+from ..errors import merge_counts
 from .iterators import InProcessIter, WorkerIter, set_rng_state
 from .resume import fingerprint, layout, plan
 from .prefetch import Prefetcher, PrefetchIterator, Transfer
@@ -39,13 +41,26 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
       on_error: ``"raise"`` (default, with the worker's traceback), ``"skip"`` or ``"warn"``
         for a sample whose loading raises; skipped samples are counted in ``loader.stats``.
       shm_slots: shared-memory segments per worker (default ``max(2, prefetch_factor)``).
+      max_tokens: token-budget batches (an int, or ``fastload.TokenBudget``): as many samples as
+        fit in ``max_tokens`` once collated, at most ``batch_size``, grouped by length within a
+        lookahead window (see :mod:`fastload.budget`).
     """
 
     def __init__(self, dataset, batch_size=1, shuffle=None, sampler=None, batch_sampler=None,
                  num_workers=0, collate_fn=None, pin_memory=False, drop_last=False, timeout=0,
                  worker_init_fn=None, multiprocessing_context=None, generator=None, *,
                  prefetch_factor=None, persistent_workers=False, pin_memory_device="", in_order=True,
-                 device=None, on_error: str = "raise", shm_slots: int | None = None):
+                 device=None, on_error: str = "raise", shm_slots: int | None = None,
+                 max_tokens: int | budget.TokenBudget | None = None):
+        batching = None
+        if max_tokens is not None:
+            batching = budget.token_batching(
+                dataset, max_tokens, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+                batch_sampler=batch_sampler, drop_last=drop_last, collate_fn=collate_fn, generator=generator,
+                on_error=on_error)
+            dataset, batch_size, collate_fn = batching.dataset, batching.batch_size, batching.collate_fn
+            if batching.batch_sampler is not None:
+                batch_sampler, shuffle, drop_last = batching.batch_sampler, None, False
         super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                          batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn,
                          pin_memory=pin_memory, drop_last=drop_last, timeout=timeout,
@@ -59,6 +74,8 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
         self.shm_slots = shm_slots
         self.device = self._usable_device(device)
         self.stats = {"skipped": 0, "by_cause": {}, "by_shard": {}}
+        merge_counts(self.stats, batching.skips if batching else None)
+        self._even_group = budget.even_steps_group() if isinstance(dataset, budget.TokenBatches) else None
         self._resume_state: dict | None = None
         self._loaded: dict | list | None = None  # what load_state_dict got, until iteration starts
         self._front = None  # the iterator the trainer is consuming
@@ -89,9 +106,14 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
         if pin or self.device is not None:
             transfer = Transfer(pin, self.device, copy=self.num_workers > 0)
             self._front = Prefetcher(source, transfer, self.prefetch_factor or 2)
-            return PrefetchIterator(self._front)
+            return self._even(PrefetchIterator(self._front))
         self._front = source
-        return source
+        return self._even(source)
+
+    def _even(self, iterator):
+        """DDP over token batches of an iterable dataset: every rank stops at the step where the
+        first runs out (:class:`~fastload.budget.EvenSteps`)."""
+        return iterator if self._even_group is None else budget.EvenSteps(iterator, self._even_group)
 
     # -- resume (torchdata StatefulDataLoader semantics, elastic for ShardDataset) ------------
     def state_dict(self) -> dict:
