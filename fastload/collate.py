@@ -15,6 +15,22 @@ _TEXT_KEYS = ("input_ids", "attention_mask", "labels")
 _IMAGE_KEYS = ("pixel_values", "image_pixels", "image_grid_thw")
 
 
+def concat_images(examples: list[dict]) -> dict:
+    """Each image key concatenated over the examples in order; inside a fastload worker as
+    :class:`~fastload.loader.shm.Concat`, which the loader writes straight into shared memory
+    (pending pixels are computed right there, once)."""
+    out = {}
+    for key in _IMAGE_KEYS:
+        parts = [e[key] for e in examples if key in e]
+        if not parts:
+            continue
+        if in_worker():
+            out[key] = Concat(parts)
+        else:
+            out[key] = torch.cat([p.tensor() if hasattr(p, "write_into") else p for p in parts])
+    return out
+
+
 @dataclass(frozen=True)
 class DummyImage:
     """LLaMA-Factory's stand-in for a batch without images: a white 64x64 image whose tokens
@@ -113,12 +129,5 @@ class Qwen2VLCollator:
             for row, e in enumerate(examples):
                 out[row, : len(e[key])] = e[key]
             batch[key] = out
-        for key in _IMAGE_KEYS:
-            parts = [e[key] for e in examples if key in e]
-            if not parts:
-                continue
-            if in_worker():  # written once, straight into the batch's shared memory
-                batch[key] = Concat(parts)
-            else:
-                batch[key] = torch.cat([p.tensor() if hasattr(p, "write_into") else p for p in parts])
+        batch.update(concat_images(examples))
         return batch

@@ -13,30 +13,10 @@ from __future__ import annotations
 import torch
 
 from .budget import PackedPlanner, SampleTooLong, first_fit_decreasing, round_up
+from .collate import concat_images
 from .errors import Skip
-from .loader.shm import Concat
-from .loader.worker import in_worker
 from .mrope import IMAGE_TOKEN_ID, SPATIAL_MERGE_SIZE, rope_index
 from .text import IGNORE_INDEX
-
-_IMAGE_KEYS = ("pixel_values", "image_pixels", "image_grid_thw")
-
-
-def concat_images(examples: list[dict]) -> dict:
-    """Each image key concatenated over the examples in order; inside a fastload worker as
-    :class:`~fastload.loader.shm.Concat`, which the loader writes straight into shared memory
-    (pending pixels are computed right there, once)."""
-    out = {}
-    for key in _IMAGE_KEYS:
-        parts = [e[key] for e in examples if key in e]
-        if not parts:
-            continue
-        if in_worker():
-            out[key] = Concat(parts)
-        else:
-            out[key] = torch.cat([p.tensor() if hasattr(p, "write_into") else p for p in parts])
-    return out
-
 
 class Qwen2VLPackingCollator:
     """Packs transformed samples (:class:`~fastload.Qwen2VLTransform` output) into rows of at
