@@ -312,7 +312,7 @@ class WorkerIter(_ResumableIter):
         """Waits for every worker to acknowledge the new epoch, dropping stale batches."""
         waiting = self._num_workers
         while waiting:
-            wid, (_, kind, *_rest) = self._receive(for_tasks=False)
+            wid, (_, kind, *_rest) = self._receive(None)
             if kind == "resumed":
                 waiting -= 1
 
@@ -358,7 +358,7 @@ class WorkerIter(_ResumableIter):
                 wid, result = self._task_info.pop(idx)
                 self._rcvd_idx += 1
             else:
-                wid, (idx, kind, *payload) = self._receive()
+                wid, (idx, kind, *payload) = self._receive(self._task_info[self._rcvd_idx][0])
                 self._tasks_outstanding -= 1
                 if kind == "end":
                     self._workers_status[wid] = False
@@ -397,15 +397,15 @@ class WorkerIter(_ResumableIter):
         return {"next_worker": next_worker, "batches": list(self._delivered_batches)}
 
     # -- receiving ----------------------------------------------------------------------------
-    def _receive(self, for_tasks: bool = True):
+    def _receive(self, waiting_for: int | None):
         """The next message from any worker: (worker id, message with any batch mapped)."""
         deadline = time.monotonic() + self._timeout if self._timeout > 0 else None
         sentinels = {w.sentinel: wid for wid, w in enumerate(self._workers)}
         conns = {c: wid for wid, c in enumerate(self._outboxes)}
         while True:
             self._flush_released()
-            if for_tasks:
-                self._unblock()
+            if waiting_for is not None:
+                self._unblock(waiting_for)
             ready = connection.wait(list(conns) + list(sentinels), timeout=_POLL_S)
             for obj in ready:
                 if obj in conns:
@@ -463,11 +463,12 @@ class WorkerIter(_ResumableIter):
             if not self._shutdown:
                 self._send(wid, ("free", slot))
 
-    def _unblock(self) -> None:
+    def _unblock(self, waiting_for: int) -> None:
         """A worker with tasks to do whose every slot holds a batch the trainer still keeps
         may use one unpooled segment instead of waiting: a trainer that keeps batches never
-        deadlocks the loader, and with ``in_order=False`` a fast worker is never held back."""
-        for wid in range(self._num_workers):
+        deadlocks the loader (in order, the worker it waits for is the one that matters), and
+        with ``in_order=False`` a fast worker is never held back."""
+        for wid in (range(self._num_workers) if not self._in_order else (waiting_for,)):
             if (self._workers_num_tasks[wid] and self._in_main[wid] >= self._slots
                     and self._permits[wid] == 0):
                 self._permits[wid] += 1
