@@ -16,6 +16,7 @@ import re
 import subprocess
 import tarfile
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 
 import torch.distributed as dist
@@ -117,7 +118,7 @@ def _pax_path(data: bytes, url: str) -> str | None:
     while pos < len(data):
         space = data.find(b" ", pos, pos + 21)
         length = int(data[pos:space]) if space > pos and data[pos:space].isdigit() else 0
-        if length <= space - pos or pos + length > len(data):
+        if space <= pos or length <= space - pos or pos + length > len(data):
             raise ShardError("corrupt shard", f"{url}: corrupt pax header record")
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         if key == b"path":
@@ -142,6 +143,16 @@ class MemberError(ValueError):
 
 
 def tar_entries(stream, url: str, with_data: bool = True) -> Iterator[tuple[str, bytes | None]]:
+    """:func:`_tar_entries`, with a gzip stream's own errors reported as the shard's."""
+    try:
+        yield from _tar_entries(stream, url, with_data)
+    except (zlib.error, gzip.BadGzipFile) as exc:
+        raise ShardError("corrupt shard", f"{url}: corrupt gzip stream ({exc})") from exc
+    except EOFError as exc:
+        raise ShardError("truncated shard", f"{url}: gzip stream cut short ({exc})") from exc
+
+
+def _tar_entries(stream, url: str, with_data: bool = True) -> Iterator[tuple[str, bytes | None]]:
     """(name, bytes) of each regular file in a tar stream, read sequentially; with
     ``with_data=False`` the bytes are skipped (seeked over where possible) and None.
 
@@ -266,7 +277,7 @@ def count_samples(url: str, remote: dict | None = None) -> int:
         try:
             for _ in group_samples(tar_entries(tar, url, with_data=tar is not stream), url):
                 n += 1
-        except (ShardError, EOFError):
+        except ShardError:
             n += 1
     return n
 
@@ -317,9 +328,7 @@ def read_piece(piece: Piece, policy: str, remote: dict | None = None) -> Iterato
 
 
 def _shard_cause(exc: Exception) -> str:
-    if isinstance(exc, ShardError):
-        return exc.cause
-    return "truncated shard" if isinstance(exc, EOFError) else "unreadable shard"
+    return exc.cause if isinstance(exc, ShardError) else "unreadable shard"
 
 
 # -- placement -------------------------------------------------------------------------

@@ -201,3 +201,58 @@ def test_console_script_runs(tmp_path):
                            str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "3 samples" in proc.stderr and "samples/s" in proc.stderr
+
+
+def _chat_rows(images: list[str]) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "."}],
+             "images": [name]} for name in images]
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A 100-byte PNG whose header claims ``width`` x ``height`` (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("flags", [(), ("--validate",), ("--max-pixels", 10_000), ("--workers", 2, "--validate")])
+def test_bombs_are_refused_with_every_flag(tmp_path, capsys, flags):
+    """--validate and --max-pixels used to decode with no limit; the limits hold with every flag."""
+    (tmp_path / "bomb.png").write_bytes(_png_claiming(20000, 20000))
+    (tmp_path / "big.png").write_bytes(_png_claiming(9000, 9900))  # under the pixel limit, over the memory budget
+    (tmp_path / "ok.png").write_bytes(png_bytes((40, 30)))
+    (tmp_path / "d.json").write_text(json.dumps(_chat_rows(["bomb.png", "big.png", "ok.png"])))
+    assert run_cli(tmp_path / "d.json", tmp_path / "o", *flags) == 0
+    assert len(samples(tmp_path / "o")) == 1
+    err = capsys.readouterr().err
+    assert "skipped 2" in err and "decompression bomb" in err
+
+
+def _killed_worker(record, **kw):
+    if record["id"] == 5:
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    from fastload.cli import shard
+
+    return shard._original_convert(record, **kw)
+
+
+def test_killed_pool_worker_fails_clearly(tmp_path, monkeypatch, capsys):
+    """A worker killed mid-conversion (the OOM killer, a signal) ends the run with a message and
+    no shard, instead of waiting forever for its tasks."""
+    from fastload.cli import shard
+
+    rows = write_chat_dataset(tmp_path, n=40)
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    monkeypatch.setattr(shard, "_original_convert", shard.convert, raising=False)
+    monkeypatch.setattr(shard, "convert", _killed_worker)
+    with pytest.raises(SystemExit, match="worker process died"):
+        shard_main([str(tmp_path / "d.json"), str(tmp_path / "o" / "s"), "--workers", "2", "--validate", "--quiet"])
+    assert not list((tmp_path / "o").glob("*.tar")) if (tmp_path / "o").exists() else True
