@@ -9,6 +9,8 @@ for bench in bench_image bench_stages bench_shards bench_text bench_loader; do
   echo "== $bench"
   "$PY" -W ignore "$bench.py" 2>&1 | tee "results/$bench.txt"
 done
+echo "== bench_remote"  # its progress and Ray's log go to stderr, the tables to the file
+"$PY" -W ignore bench_remote.py --json results/bench_remote.json 2>/dev/null | tee results/bench_remote.txt
 "$PY" -W ignore ../benchmarks/demo.py --samples 400 --out /tmp/fastload-bench-demo >/dev/null
 ../.venv/bin/fastload-bench '/tmp/fastload-bench-demo/shards/train-{000000..000003}.tar' \
   --processor "${FASTLOAD_SHARED:-../../shared}/qwen2_5_vl" --workers 0,1,2 --seconds 10 --compare torch \

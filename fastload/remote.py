@@ -27,7 +27,8 @@ Why it looks like this:
 
 Tuning (environment, so that every worker process and rank sees the same values):
 ``FASTLOAD_REMOTE_RETRIES`` (5), ``FASTLOAD_REMOTE_BACKOFF`` (0.5 s, doubled per retry, at
-most 16 s), ``FASTLOAD_REMOTE_CHUNK`` (8 MiB), ``FASTLOAD_REMOTE_READ_AHEAD`` (64 MiB).
+most 16 s), ``FASTLOAD_REMOTE_CHUNK`` (8 MiB), ``FASTLOAD_REMOTE_READ_AHEAD`` (64 MiB),
+``FASTLOAD_REMOTE_TIMEOUT`` (120 s per request, for fsspec's async backends: http, s3, gcs).
 """
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ class Settings:
     backoff: float = 0.5
     chunk: int = 8 << 20
     read_ahead: int = 64 << 20
+    timeout: float = 120.0  # per request: a stalled connection is a fault to retry, not a hang
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -79,7 +81,8 @@ class Settings:
         return cls(retries=int(env("FASTLOAD_REMOTE_RETRIES", cls.retries)),
                    backoff=float(env("FASTLOAD_REMOTE_BACKOFF", cls.backoff)),
                    chunk=max(1 << 12, int(env("FASTLOAD_REMOTE_CHUNK", cls.chunk))),
-                   read_ahead=max(1 << 12, int(env("FASTLOAD_REMOTE_READ_AHEAD", cls.read_ahead))))
+                   read_ahead=max(1 << 12, int(env("FASTLOAD_REMOTE_READ_AHEAD", cls.read_ahead))),
+                   timeout=float(env("FASTLOAD_REMOTE_TIMEOUT", cls.timeout)))
 
 
 class RemoteError(OSError):
@@ -159,9 +162,11 @@ class RemoteFile:
         self.url, self.settings, self.shown = url, settings, redact(url)
         self.fs, self.path = url_to_fs(url)
         self.whole: bytes | None = None  # the object, from a server that ignored a Range header
+        # fsspec's async backends (http, s3, gcs) take a per-call timeout; others have their own
+        self.call = {"timeout": settings.timeout} if getattr(self.fs, "async_impl", False) else {}
 
     def size(self) -> int | None:
-        info = with_retries(lambda: self.fs.info(self.path), self.settings, f"{self.shown}: info")
+        info = with_retries(lambda: self.fs.info(self.path, **self.call), self.settings, f"{self.shown}: info")
         size = info.get("size")
         return int(size) if size is not None else None
 
@@ -170,7 +175,7 @@ class RemoteFile:
         def once() -> bytes:
             if self.whole is not None:
                 return self.whole[start:end]
-            data = self.fs.cat_file(self.path, start=start, end=end)
+            data = self.fs.cat_file(self.path, start=start, end=end, **self.call)
             if len(data) == size and end - start != size:  # a server that ignores Range: keep it
                 self.whole, data = data, data[start:end]
             if len(data) != end - start:
@@ -180,7 +185,8 @@ class RemoteFile:
 
     def fetch_all(self) -> bytes:
         """The whole object, for servers that do not tell its size."""
-        return with_retries(lambda: self.fs.cat_file(self.path), self.settings, f"{self.shown}: read")
+        return with_retries(lambda: self.fs.cat_file(self.path, **self.call), self.settings,
+                            f"{self.shown}: read")
 
 
 # -- a byte-bounded hand-off between the download thread and the reader ----------------
@@ -510,7 +516,8 @@ def find_remote_manifest(urls: list[str]) -> dict | None:
     url = m.group(1) + ".manifest.json"
     try:
         source = RemoteFile(url, Settings.from_env())
-        data = with_retries(lambda: source.fs.cat_file(source.path), source.settings, source.shown)
+        data = with_retries(lambda: source.fs.cat_file(source.path, **source.call), source.settings,
+                            source.shown)
     except (RemoteError, ImportError):
         return None
     return json.loads(data)

@@ -23,23 +23,25 @@ from tqdm import tqdm
 
 from ..decode import EXTENSIONS, MAX_IMAGE_PIXELS, ImageDecodeError, check_pixels, decode, read_header, sniff_format
 from ..sources import Columns, RecordError, dataset_names, dataset_records, open_source
+from ..video import shard_member as video_member
 from ..writer import ImageStats, ShardWriter
 
 log = logging.getLogger("fastload.shard")
 
 
-def resolve_image(ref, root: str) -> tuple[str, bytes, str | None]:
-    """(source name, bytes, file path or None) of an image reference; paths must stay inside ``root``."""
+def resolve_image(ref, root: str, what: str = "image") -> tuple[str, bytes, str | None]:
+    """(source name, bytes, file path or None) of an image (or video) reference; paths must stay
+    inside ``root``."""
     if isinstance(ref, (bytes, bytearray)):
         return "<bytes>", bytes(ref), None
     path = os.path.realpath(os.path.join(root, ref))
     if os.path.commonpath([path, os.path.realpath(root)]) != os.path.realpath(root):
-        raise RecordError(f"image path {ref!r} escapes the dataset root {root}")
+        raise RecordError(f"{what} path {ref!r} escapes the dataset root {root}")
     try:
         with open(path, "rb") as f:
             return ref, f.read(), path
     except OSError as exc:
-        raise RecordError(f"cannot read image {ref!r}: {exc.strerror}") from exc
+        raise RecordError(f"cannot read {what} {ref!r}: {exc.strerror}") from exc
 
 
 def reencode(data: bytes, max_pixels: int) -> bytes:
@@ -67,7 +69,7 @@ def convert(record, *, source: str, root: str, max_pixels: int | None, validate:
     members, infos = {}, []
     try:
         for i, ref in enumerate(record["images"]):
-            name, data, path = resolve_image(ref, root)
+            name, data, _ = resolve_image(ref, root)
             fmt = sniff_format(data)
             if fmt is None:
                 raise RecordError(f"image {name!r} is not a recognised image format")
@@ -75,13 +77,18 @@ def convert(record, *, source: str, root: str, max_pixels: int | None, validate:
             check_pixels(header, MAX_IMAGE_PIXELS)
             width, height = header.size
             if max_pixels and width * height > max_pixels:
-                data, fmt, path = reencode(data, max_pixels), "jpeg", None
+                data, fmt = reencode(data, max_pixels), "jpeg"
                 width, height = read_header(data).size
             if validate:
                 decode(data)
             ext = EXTENSIONS[fmt]
             members[f"{i}.{ext}" if len(record["images"]) > 1 else ext] = data
             infos.append((fmt, width, height, len(data)))
+        for i, ref in enumerate(record.get("videos", ())):  # original bytes, numbered: 0.mp4, 1.avi, ...
+            name, data, _ = resolve_image(ref, root, "video")
+            ext, info = video_member(data, name, validate)
+            members[f"{i}.{ext}"] = data
+            infos.append(info)
     except (RecordError, ImageDecodeError, ValueError, OSError) as exc:
         return "error", f"{record.get('source', source)} record {record['id']}: {exc}"
     members["json"] = json.dumps(record["meta"], ensure_ascii=False).encode("utf-8")
@@ -203,9 +210,10 @@ def run(args) -> int:
         raise
     elapsed = time.perf_counter() - start
     shards = writer.close({"source": os.path.abspath(path), "images": stats.summary(),
-                           "skipped": len(errors), "errors": errors[:100]})
+                           "videos": stats.videos.summary(), "skipped": len(errors), "errors": errors[:100]})
     total = sum(s["samples"] for s in shards)
-    print(f"fastload-shard: {total} samples, {stats.summary()['count']} images in {len(shards)} shards "
+    print(f"fastload-shard: {total} samples, {stats.summary()['count']} images, {stats.videos.summary()['count']} "
+          f"videos in {len(shards)} shards "
           f"({sum(s['bytes'] for s in shards) / 1e6:.1f} MB) in {elapsed:.1f}s "
           f"({total / max(elapsed, 1e-9):.0f} samples/s); skipped {len(errors)}", file=sys.stderr)
     for message in errors[:10]:
