@@ -9,6 +9,8 @@ from .mrope import Qwen2VLRopeCollator, rope_index
 from .packing import Qwen2VLPackingCollator
 from .shards import ShardDataset
 from .text import Qwen2VLTransform, SampleError
+from .video import VideoDecodeError
+from .video_processor import Qwen2VLVideoProcessor, VideoConfig
 from .vision import Qwen2VLImageProcessor, VisionConfig, expand_patches, num_image_tokens, smart_resize
 
 __all__ = [
@@ -16,4 +18,5 @@ __all__ = [
     "Qwen2VLPackingCollator", "Qwen2VLRopeCollator", "Qwen2VLTransform", "ResumeError", "SampleError",
     "SampleTooLong", "ShardDataset", "Skip", "TokenBatchSampler", "TokenBudget", "VisionConfig",
     "expand_patches", "image_size", "num_image_tokens", "rope_index", "smart_resize",
+    "Qwen2VLVideoProcessor", "VideoConfig", "VideoDecodeError",
 ]

@@ -13,6 +13,7 @@ from .text import IGNORE_INDEX, IMAGE_PAD, VISION_END, VISION_START
 
 _TEXT_KEYS = ("input_ids", "attention_mask", "labels")
 _IMAGE_KEYS = ("pixel_values", "image_pixels", "image_grid_thw")
+_VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")  # each concatenated on dim 0
 
 
 def concat_images(examples: list[dict]) -> dict:
@@ -20,7 +21,7 @@ def concat_images(examples: list[dict]) -> dict:
     :class:`~fastload.loader.shm.Concat`, which the loader writes straight into shared memory
     (pending pixels are computed right there, once)."""
     out = {}
-    for key in _IMAGE_KEYS:
+    for key in _IMAGE_KEYS + _VIDEO_KEYS:
         parts = [e[key] for e in examples if key in e]
         if not parts:
             continue
@@ -120,7 +121,7 @@ class Qwen2VLCollator:
         examples = [e for e in examples if e is not None and not isinstance(e, Skip)]
         if not examples:
             raise ValueError("cannot collate an empty batch")
-        if self.dummy_image and not any(k in e for e in examples for k in _IMAGE_KEYS):
+        if self.dummy_image and not any(k in e for e in examples for k in _IMAGE_KEYS + _VIDEO_KEYS):
             examples = self._add_dummy_image(examples)
         length = self.padded_length(max(len(e["input_ids"]) for e in examples))
         batch = {}

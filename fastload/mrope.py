@@ -17,6 +17,7 @@ from .collate import Qwen2VLCollator
 
 #: Qwen2.5-VL's ``<|image_pad|>`` id and spatial merge size (its config's defaults).
 IMAGE_TOKEN_ID = 151655
+VIDEO_TOKEN_ID = 151656  # <|video_pad|>: refused below, as the video positions are not computed here
 SPATIAL_MERGE_SIZE = 2
 
 
@@ -26,6 +27,9 @@ def rope_index(input_ids, image_grid_thw=None, *, image_token_id: int = IMAGE_TO
     height, width) and ``delta = positions.max() + 1 - len``, as ``get_rope_index`` returns
     them for that sample alone (its ``rope_deltas`` entry)."""
     ids = np.asarray(input_ids)
+    if np.any(ids == VIDEO_TOKEN_ID):
+        raise ValueError("rope_index (and so packing and Qwen2VLRopeCollator) handles still images only: this "
+                         "sample has video tokens; use Qwen2VLCollator and let the model compute positions")
     pos = np.empty((3, len(ids)), np.int64)
     image_at = np.flatnonzero(ids == image_token_id)
     grids = [] if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3).tolist()

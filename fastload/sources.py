@@ -2,8 +2,9 @@
 
 A record is ``{"id", "meta": {...json...}, "images": [path or bytes, ...]}``: ``meta`` is
 what lands in the shard's ``.json`` (sharegpt ``messages`` in role/content form for chat
-data), ``images`` the media in placeholder order. Formats follow LLaMA-Factory's
-``dataset_info.json`` conventions (sharegpt with role/content tags, alpaca columns).
+data), ``images`` the media in placeholder order (chat records also have ``videos``). Formats
+follow LLaMA-Factory's ``dataset_info.json`` conventions (sharegpt with role/content tags, alpaca
+columns).
 """
 from __future__ import annotations
 
@@ -122,9 +123,11 @@ def chat_record(row: dict, cols: Columns, index: int) -> dict:
     if fmt == "auto":
         fmt = "sharegpt" if (cols.messages in row or "conversations" in row) else "alpaca"
     messages = sharegpt_messages(row, cols) if fmt == "sharegpt" else alpaca_messages(row, cols)
-    for column in (cols.videos, cols.audios):
-        if column and _as_list(row.get(column)):
-            raise RecordError(f"has {column!r}: video and audio records are not supported yet")
+    if cols.audios and _as_list(row.get(cols.audios)):
+        raise RecordError(f"has {cols.audios!r}: audio records are not supported yet")
+    videos = _as_list(row.get(cols.videos)) if cols.videos else []
+    if any(isinstance(v, (list, tuple)) for v in videos):
+        raise RecordError("a video given as a list of frame images is not supported (give the video file)")
     meta = {"messages": messages}
     if cols.system and isinstance(row.get(cols.system), str):
         meta["system"] = row[cols.system]  # even "": templates tell an empty system from none
@@ -135,7 +138,12 @@ def chat_record(row: dict, cols: Columns, index: int) -> dict:
     placeholders = sum(m["content"].count("<image>") for m in messages)
     if placeholders != len(images):
         raise RecordError(f"{placeholders} <image> placeholders but {len(images)} images")
-    return {"id": index, "meta": meta, "images": images}
+    if videos:  # stored as their own members (fastload-shard: 0.mp4, 1.avi, ...)
+        meta["videos"] = [v if isinstance(v, str) else f"<bytes:{i}>" for i, v in enumerate(videos)]
+    video_placeholders = sum(m["content"].count("<video>") for m in messages)
+    if video_placeholders != len(videos):
+        raise RecordError(f"{video_placeholders} <video> placeholders but {len(videos)} videos")
+    return {"id": index, "meta": meta, "images": images, "videos": videos}
 
 
 def read_json_rows(path: str) -> Iterator[tuple[int, dict | RecordError]]:

@@ -27,6 +27,8 @@ from .decode import as_bytes, check_pixels, read_header
 from .errors import Skip, check_policy
 from .loader.worker import pending_pixels_ok
 from .tokenizer import load_tokenizer, resolve_processor
+from .video import VideoInfo, probe, sample_videos
+from .video_processor import make_video_processor, video_inputs
 from .vision import PreResize, Qwen2VLImageProcessor, VisionConfig
 
 log = logging.getLogger("fastload.text")
@@ -36,6 +38,8 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 IMAGE_PLACEHOLDER = "<image>"
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
 IMAGE_SLOT = VISION_START + IMAGE_PAD + VISION_END
+VIDEO_PLACEHOLDER, VIDEO_PAD = "<video>", "<|video_pad|>"
+VIDEO_SLOT = VISION_START + VIDEO_PAD + VISION_END
 _IMAGE_KEY = re.compile(r"^(?:(\d+)\.)?(jpg|jpeg|png|webp|gif|bmp|tif|tiff|mpo)$")
 
 #: Special tokens only the chat template places: the turn delimiters, the vision markers and
@@ -112,6 +116,7 @@ class Encoded:
     ids: list[int]
     prompt_len: int
     image_runs: list[tuple[int, int]] = field(default_factory=list)
+    video_runs: list[tuple[int, int]] = field(default_factory=list)  # the same for each video's pads
 
     @property
     def has_target(self) -> bool:
@@ -183,7 +188,8 @@ def tool_call_text(content: str) -> str:
 
 
 def with_image_slots(content: str) -> str:
-    return content.replace(IMAGE_PLACEHOLDER, IMAGE_SLOT)
+    """``<image>``/``<video>`` -> their one-pad slots (each pad expanded when tokenized)."""
+    return content.replace(IMAGE_PLACEHOLDER, IMAGE_SLOT).replace(VIDEO_PLACEHOLDER, VIDEO_SLOT)
 
 
 class TransformersTemplate:
@@ -265,13 +271,20 @@ class Qwen2VLTransform:
     the configuration travels; the tokenizer is loaded once per process. ``dtype=torch.uint8``
     returns the compact wire format (``image_pixels``, the resized uint8 images) for
     :func:`fastload.expand_patches` to expand on the device.
+
+    ``<video>`` placeholders take the sample's videos (``mp4``, ``0.mp4``, ``1.avi``, ...):
+    ``pixel_values_videos``, ``video_grid_thw`` and ``second_per_grid_ts`` as transformers'
+    ``Qwen2_5_VLProcessor`` gives them (see :mod:`fastload.video_processor`); ``video`` is a
+    :class:`~fastload.video_processor.VideoConfig` or a dict overriding the processor folder's
+    (``fps``, ``max_pixels``, ``min_frames``, ``max_frames``, ...). Videos always come as
+    float (``dtype=torch.uint8`` applies to images).
     """
 
     def __init__(self, processor_dir, *, min_pixels: int | None = None, max_pixels: int | None = None,
                  cutoff_len: int = 4096, train_on_prompt: bool = False, mask_history: bool = False,
                  default_system: str | None = None, dtype: torch.dtype = torch.float32,
                  on_error: str | None = None, exact: bool = False, template="transformers",
-                 pre_resize: PreResize | None = None):
+                 pre_resize: PreResize | None = None, video=None):
         self.processor_dir = resolve_processor(processor_dir)
         self.cutoff_len, self.train_on_prompt, self.mask_history = cutoff_len, train_on_prompt, mask_history
         self.default_system = DEFAULT_SYSTEM if default_system is None else default_system
@@ -282,6 +295,8 @@ class Qwen2VLTransform:
         self.image_processor = Qwen2VLImageProcessor(
             self.vision_config, exact=exact, dtype=torch.float32 if dtype == torch.uint8 else dtype,
             pre_resize=pre_resize)
+        self.video_processor = make_video_processor(  # video: a VideoConfig, or overrides of the folder's
+            self.processor_dir, video, exact=exact, dtype=torch.float32 if dtype == torch.uint8 else dtype)
         self.skipped = 0
         self._tok = None
 
@@ -305,7 +320,7 @@ class Qwen2VLTransform:
         """Loads the tokenizer now (e.g. in the parent, so forked workers inherit it)."""
         if self._tok is None:
             self._tok = load_tokenizer(self.processor_dir)
-            self._ids = {t: self._tok.token_to_id(t) for t in (VISION_START, IMAGE_PAD, VISION_END)}
+            self._ids = {t: self._tok.token_to_id(t) for t in (VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD)}
             self._prefixes = {}
         return self
 
@@ -368,14 +383,21 @@ class Qwen2VLTransform:
             n += 1
         return n
 
-    def _encode_block(self, block: Block, pad_counts, key) -> Encoded:
-        """A block's ids with each image's pad run expanded to its token count."""
+    def _encode_block(self, block: Block, pad_counts, key, video_counts=None) -> Encoded:
+        """A block's ids with each image's (and video's) pad run expanded to its token count."""
         raw = self.encode(block.text)
         prompt = len(raw) if block.target_from is None else self._prompt_len(raw, block.text[:block.target_from])
-        ids, runs, prompt_len = [], [], None
+        ids, runs, video_runs, prompt_len = [], [], [], None
         for i, token in enumerate(raw):
             if i == prompt:
                 prompt_len = len(ids)
+            if token == self._ids[VIDEO_PAD]:
+                count = next(video_counts, None) if video_counts is not None else None
+                if count is None:
+                    raise SampleError(f"sample {key!r}: more {VIDEO_PAD!r} tokens than videos")
+                video_runs.append((len(ids), count))
+                ids.extend([token] * count)
+                continue
             if token != self._ids[IMAGE_PAD]:
                 ids.append(token)
                 continue
@@ -384,7 +406,7 @@ class Qwen2VLTransform:
                 raise SampleError(f"sample {key!r}: more {IMAGE_PAD!r} tokens than images")
             runs.append((len(ids), count))
             ids.extend([token] * count)
-        return Encoded(ids, len(ids) if prompt_len is None else prompt_len, runs)
+        return Encoded(ids, len(ids) if prompt_len is None else prompt_len, runs, video_runs)
 
     def _labels(self, kept: list[tuple[Encoded, int]]) -> list[int]:
         """Targets are answer tokens; ``train_on_prompt`` adds every prompt token, and
@@ -399,34 +421,51 @@ class Qwen2VLTransform:
         return labels
 
     @staticmethod
-    def _kept_images(kept: list[tuple[Encoded, int]], key, cutoff_len: int) -> list[int]:
-        """Indexes of the images whose tokens survive truncation (``kept``: every block with
-        its kept length, 0 for a dropped one). An image's pads are never
+    def _kept_images(kept: list[tuple[Encoded, int]], key, cutoff_len: int, what: str = "image") -> list[int]:
+        """Indexes of the images (``what="video"``: videos) whose tokens survive truncation
+        (``kept``: every block with its kept length, 0 for a dropped one). An image's pads are never
         cut: a cut through them is a :class:`DroppedSample` (the model would fail on it)."""
         out, index = [], 0
         for enc, n in kept:
-            for start, count in enc.image_runs:
+            for start, count in getattr(enc, f"{what}_runs"):
                 if start + count <= n:
                     out.append(index)
                 elif start < n:
-                    raise DroppedSample("cutoff_len cuts an image's tokens",
-                                        f"sample {key!r}: cutoff_len={cutoff_len} would cut image {index}'s "
+                    raise DroppedSample(f"cutoff_len cuts an {what}'s tokens" if what == "image"
+                                        else f"cutoff_len cuts a {what}'s tokens",
+                                        f"sample {key!r}: cutoff_len={cutoff_len} would cut {what} {index}'s "
                                         f"{count} tokens after {n - start}")
                 index += 1
         return out
 
     def tokenize(self, sample: dict) -> tuple[list[int], list[int], list[bytes]]:
         """(input_ids, labels, images kept) for a sample, truncated as the template says."""
+        return self._tokenize_media(sample)[:3]
+
+    def _videos(self, conv: Conversation, sample: dict) -> list[tuple[bytes, VideoInfo]]:
+        """The sample's videos with their container metadata (probed, nothing decoded),
+        as many as ``<video>`` placeholders."""
+        videos = [as_bytes(v) for v in sample_videos(sample)]
+        placeholders = sum(t.content.count(VIDEO_PLACEHOLDER) for t in conv.turns)
+        if placeholders != len(videos):
+            raise SampleError(f"sample {conv.key!r}: {placeholders} <video> placeholders but {len(videos)} videos")
+        return [(data, probe(data)) for data in videos]
+
+    def _tokenize_media(self, sample: dict) -> tuple[list[int], list[int], list[bytes], list]:
+        """``tokenize``'s result and the videos kept, as (bytes, VideoInfo)."""
         conv, images = self._parsed(sample)
+        videos = self._videos(conv, sample)
         self.load()
         pad_counts = iter(self.image_tokens(images))
+        video_counts = iter([self.video_processor.num_tokens(info) for _, info in videos])
         blocks = self.template.blocks(conv, self.default_system)
-        encoded = [self._encode_block(b, pad_counts, conv.key) for b in blocks]
+        encoded = [self._encode_block(b, pad_counts, conv.key, video_counts) for b in blocks]
         lengths = self.template.truncate(encoded, self.cutoff_len, self.mask_history, conv.key)
         kept = list(zip(encoded, lengths))
         ids = [tok for enc, n in kept for tok in enc.ids[:n]]
         keep_images = self._kept_images(kept, conv.key, self.cutoff_len)
-        return ids, self._labels(kept), [images[i] for i in keep_images]
+        keep_videos = self._kept_images(kept, conv.key, self.cutoff_len, "video")
+        return ids, self._labels(kept), [images[i] for i in keep_images], [videos[i] for i in keep_videos]
 
     def num_tokens(self, sample: dict) -> int:
         """Token length of the sample after truncation, without decoding a pixel."""
@@ -447,8 +486,8 @@ class Qwen2VLTransform:
 
     def __call__(self, sample: dict) -> dict | Skip | None:
         try:
-            ids, labels, images = self.tokenize(sample)
-            pixels = self._pixels(images)
+            ids, labels, images, videos = self._tokenize_media(sample)
+            pixels = {**self._pixels(images), **video_inputs(self.video_processor, videos, pending_pixels_ok())}
         except DroppedSample as exc:
             self.skipped += 1
             log.info("skipping sample %r (%s): %s", sample.get("__key__"), exc.cause, exc)

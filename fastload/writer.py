@@ -14,29 +14,54 @@ import tarfile
 from dataclasses import dataclass, field
 
 
+def _describe(values: list) -> dict | None:
+    if not values:
+        return None
+    return {"min": min(values), "max": max(values), "mean": round(statistics.fmean(values), 1),
+            "median": statistics.median(values)}
+
+
+@dataclass
+class VideoStats:
+    """Count, containers, size, frame count and duration statistics of the videos written."""
+
+    formats: dict = field(default_factory=dict)
+    values: dict = field(default_factory=lambda: {k: [] for k in ("width", "height", "bytes", "frames", "duration")})
+
+    def add(self, fmt: str, width: int, height: int, nbytes: int, frames: int, duration: float) -> None:
+        self.formats[fmt] = self.formats.get(fmt, 0) + 1
+        for key, value in zip(self.values, (width, height, nbytes, frames, duration)):
+            self.values[key].append(value)
+
+    def summary(self) -> dict:
+        return {"count": len(self.values["bytes"]), "formats": self.formats,
+                **{key: _describe(values) for key, values in self.values.items()}}
+
+
 @dataclass
 class ImageStats:
-    """Count, formats and size statistics of the images written."""
+    """Count, formats and size statistics of the images written; an info with ``frames`` and
+    ``duration`` is a video's, kept apart in ``videos``."""
 
     formats: dict = field(default_factory=dict)
     widths: list = field(default_factory=list)
     heights: list = field(default_factory=list)
     sizes: list = field(default_factory=list)
+    videos: VideoStats = field(default_factory=VideoStats)
 
-    def add(self, fmt: str, width: int, height: int, nbytes: int) -> None:
+    def add(self, fmt: str, width: int, height: int, nbytes: int, frames: int | None = None,
+            duration: float | None = None) -> None:
+        if frames is not None:
+            self.videos.add(fmt, width, height, nbytes, frames, duration)
+            return
         self.formats[fmt] = self.formats.get(fmt, 0) + 1
         self.widths.append(width)
         self.heights.append(height)
         self.sizes.append(nbytes)
 
     def summary(self) -> dict:
-        def describe(values):
-            if not values:
-                return None
-            return {"min": min(values), "max": max(values), "mean": round(statistics.fmean(values), 1),
-                    "median": statistics.median(values)}
-        return {"count": len(self.sizes), "formats": self.formats, "width": describe(self.widths),
-                "height": describe(self.heights), "bytes": describe(self.sizes)}
+        return {"count": len(self.sizes), "formats": self.formats, "width": _describe(self.widths),
+                "height": _describe(self.heights), "bytes": _describe(self.sizes)}
 
 
 class ShardWriter:
