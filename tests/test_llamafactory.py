@@ -25,7 +25,7 @@ from fastload.shards import ShardDataset
 from fastload.text import DroppedSample, SampleError
 from fastload.tokenizer import resolve_processor
 
-from .conftest import SHARED, jpeg_bytes, photo_like
+from .conftest import SHARED, jpeg_bytes, need_shared, photo_like
 
 GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
 GOLDEN = json.loads((GOLDEN_DIR / "llamafactory_golden.json").read_text())
@@ -65,7 +65,7 @@ def case(tmp_path_factory, processor_dir):
     shutil.copytree(GOLDEN_IMAGES, root / "gen")
     (root / "shared").mkdir()
     for name, rel in GOLDEN["shared_images"].items():
-        shutil.copy(SHARED / rel, root / "shared" / name)
+        shutil.copy(need_shared(SHARED / rel), root / "shared" / name)
     for name, entry in GOLDEN["dataset_info"].items():
         (root / entry["file_name"]).write_text(json.dumps(GOLDEN["rows"][name], ensure_ascii=False))
     (root / "dataset_info.json").write_text(json.dumps(GOLDEN["dataset_info"]))
