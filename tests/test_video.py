@@ -270,6 +270,22 @@ def test_bad_videos_are_clear_errors(case, videos, processor_dir):
         transform(sample)
 
 
+def test_a_header_claiming_a_billion_frames_is_not_believed(videos, processor_dir):
+    """AVI headers claiming 10^9 frames (transformers' PyAV loader would plan on them): the frame
+    count is the demuxer's packets, so tokens and sampling follow the 31 frames really there."""
+    import struct
+
+    data = bytearray(videos["mpeg4.avi"])
+    struct.pack_into("<I", data, data.index(b"avih") + 8 + 16, 10**9)  # dwTotalFrames
+    struct.pack_into("<I", data, data.index(b"strh") + 8 + 32, 10**9)  # dwLength
+    with av.open(io.BytesIO(bytes(data))) as c:
+        assert c.streams.video[0].frames == 10**9
+    assert probe(bytes(data)).frames == 31
+    transform = fastload.Qwen2VLTransform(processor_dir, max_pixels=MAX_PIXELS)
+    out = transform(video_sample(ASK, [bytes(data)]))
+    assert torch.equal(out["video_grid_thw"], transform(video_sample(ASK, [videos["mpeg4.avi"]]))["video_grid_thw"])
+
+
 def test_budget_and_time_limits_apply_before_and_during_decoding(videos, processor_dir):
     config = VideoConfig.from_pretrained(processor_dir)
     info = probe(videos["hevc.mkv"])
