@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-../.venv/bin/python}
 mkdir -p results
-for bench in bench_image bench_stages bench_shards bench_text bench_loader bench_video; do
+for bench in bench_image bench_stages bench_shards bench_text bench_loader bench_video bench_packing; do
   echo "== $bench"
   "$PY" -W ignore "$bench.py" 2>&1 | tee "results/$bench.txt"
 done
