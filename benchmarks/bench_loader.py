@@ -9,7 +9,6 @@ Plus per-worker RSS over 5 epochs and the eager path's time to first batch again
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import tempfile
 import time
@@ -21,26 +20,15 @@ import webdataset as wds
 import fastload
 from fastload import bench
 from fastload.baseline import TransformersCollate
-from fastload.cli.shard import main as shard_main
 
-from common import MLLM_DEMO, PHOTOS, PROCESSOR, machine, need_shared, table
+from common import PROCESSOR, machine, need_shared, shard_photo_records, table
 
 MAX_PIXELS = 1003520
 BATCH = 8
 
 
 def make_shards(root: pathlib.Path, samples: int) -> str:
-    images = sorted(str(p) for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    images += sorted(str(p) for p in (MLLM_DEMO / "mllm_demo_data").glob("*.jpg"))
-    rows = [{"messages": [{"role": "user", "content": "<image>Describe this image."},
-                          {"role": "assistant", "content": f"Image number {i} shows something worth describing."}],
-             "images": [images[i % len(images)]]} for i in range(samples)]
-    (root / "records.json").write_text(json.dumps(rows))
-    try:
-        shard_main([str(root / "records.json"), str(root / "train"), "--maxcount", "100", "--workers", "2",
-                    "--quiet", "--image-root", "/"])
-    except SystemExit as exc:
-        assert not exc.code
+    shard_photo_records(root, samples, root / "train", "--maxcount", "100", "--workers", "2")
     n = len(list(root.glob("train-*.tar")))
     return str(root / f"train-{{000000..{n - 1:06d}}}.tar")
 

@@ -23,7 +23,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import MLLM_DEMO, PHOTOS, PROCESSOR, machine, need_shared, table  # noqa: E402
+from common import PROCESSOR, machine, need_shared, shard_photo_records, table  # noqa: E402
 
 MAX_PIXELS = 1003520
 BATCH = 8
@@ -31,19 +31,7 @@ BATCH = 8
 
 # -- (1) reading ----------------------------------------------------------------------------------
 def make_shards(root: pathlib.Path, samples: int) -> list[str]:
-    from fastload.cli.shard import main as shard_main
-
-    images = sorted(str(p) for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    images += sorted(str(p) for p in (MLLM_DEMO / "mllm_demo_data").glob("*.jpg"))
-    rows = [{"messages": [{"role": "user", "content": "<image>Describe this image."},
-                          {"role": "assistant", "content": f"Image number {i} shows something worth describing."}],
-             "images": [images[i % len(images)]]} for i in range(samples)]
-    (root / "records.json").write_text(json.dumps(rows))
-    try:
-        shard_main([str(root / "records.json"), str(root / "shards" / "train"), "--maxcount", "50",
-                    "--quiet", "--image-root", "/"])
-    except SystemExit as exc:
-        assert not exc.code
+    shard_photo_records(root, samples, root / "shards" / "train", "--maxcount", "50")
     return sorted(p.name for p in (root / "shards").glob("train-*.tar"))
 
 

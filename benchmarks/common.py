@@ -1,6 +1,7 @@
 """Shared helpers for the benchmarks: where ../shared is, timing, table printing."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import statistics
@@ -45,3 +46,20 @@ def machine() -> str:
 
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}")
+
+
+def shard_photo_records(root: pathlib.Path, samples: int, prefix: pathlib.Path, *flags: str) -> None:
+    """``samples`` one-photo conversations (the real photos and mllm_demo's images, in turn),
+    converted by fastload-shard to ``prefix-NNNNNN.tar``: the benchmarks' common dataset."""
+    from fastload.cli.shard import main as shard_main
+
+    images = sorted(str(p) for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    images += sorted(str(p) for p in (MLLM_DEMO / "mllm_demo_data").glob("*.jpg"))
+    rows = [{"messages": [{"role": "user", "content": "<image>Describe this image."},
+                          {"role": "assistant", "content": f"Image number {i} shows something worth describing."}],
+             "images": [images[i % len(images)]]} for i in range(samples)]
+    (root / "records.json").write_text(json.dumps(rows))
+    try:
+        shard_main([str(root / "records.json"), str(prefix), *flags, "--quiet", "--image-root", "/"])
+    except SystemExit as exc:
+        assert not exc.code

@@ -17,11 +17,7 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
-import pytest
 
-import fastload
-from fastload import _kernels
 
 # Common prologue: the pass variants, a strip whose resize needs ~0.5 GB inside the kernel,
 # and a helper that runs a call under an address-space cap 64 MB above the current size,
