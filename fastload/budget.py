@@ -28,6 +28,7 @@ import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -35,6 +36,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, Sampler
 from torch.utils.data._utils.collate import default_collate as torch_default_collate
 
+from .deferred import defers
 from .errors import Skip, resolve, skip_for
 from .loader.collate import default_collate
 from .loader.fetch import EMPTY
@@ -363,17 +365,23 @@ class TokenBatches(IterableDataset):
         seed, epoch = getattr(self.dataset, "seed", 0), getattr(self.dataset, "epoch", 0)
         return random.Random(f"{seed}/{epoch}/{rank}/{worker}/token-batches")
 
-    def _stream(self, on_error: str | None = None, resume: dict | None = None) -> Iterator[tuple]:
+    def _stream(self, on_error: str | None = None, resume: dict | None = None, defer: bool = False
+                ) -> Iterator[tuple]:
         policy = resolve(getattr(self.dataset, "on_error", None), on_error)
         measured = self._measure_raw(self.dataset.raw_stream(policy, resume), policy)
         for group in self._groups(measured):
             real = [event for event in group if event[1] is not FILLER]
-            yield from self.dataset.transformed(iter(real), policy)
+            yield from self.dataset.transformed(iter(real), policy, defer)
             yield from group[len(real):]
 
     def _measure_raw(self, events: Iterable[tuple], policy: str) -> Iterator[tuple[tuple, int | None]]:
-        """``(event, length)``, or ``(skip event, None)`` for a sample that is bad or too long."""
+        """``(event, length)``, or ``(skip event, None)`` for a sample that is bad or too long.
+
+        A transform with ``tokenized(sample)`` (:class:`~fastload.Qwen2VLTransform`) gives the
+        sample back with its tokens attached; that form waits in the window, so transforming it
+        when its batch leaves does not tokenize it again."""
         transform = self.dataset.transform
+        tokenized = getattr(transform, "tokenized", None)
         own = resolve(getattr(transform, "on_error", None), policy)
         for origin, item in events:
             if isinstance(item, Skip):
@@ -381,7 +389,11 @@ class TokenBatches(IterableDataset):
                 continue
             what = f"sample {item.get('__key__')!r} of {origin[0]}"
             try:
-                length = transform.num_tokens(item)
+                if tokenized is None:
+                    length = transform.num_tokens(item)
+                else:
+                    item = tokenized(item)
+                    length = item.num_tokens
             except Exception as err:  # a bad record: the transform would fail on it too
                 yield (origin, skip_for(err, origin[0], what, own)), None
                 continue
@@ -443,11 +455,16 @@ class DropFillers:
 
     def __init__(self, collate_fn):
         self.collate_fn = default_collate if collate_fn in (None, torch_default_collate) else collate_fn
-        self.accepts_pending_pixels = getattr(self.collate_fn, "accepts_pending_pixels", False)
+        if defers(self.collate_fn):
+            self.collate_deferred = partial(self._collate, self.collate_fn.collate_deferred)
 
     def __call__(self, items: list):
+        return self._collate(self.collate_fn, items)
+
+    @staticmethod
+    def _collate(collate_fn, items: list):
         data = [x for x in items if x is not FILLER]
-        return self.collate_fn(data) if data else EMPTY
+        return collate_fn(data) if data else EMPTY
 
 
 # -- DataLoader(max_tokens=...) ------------------------------------------------------------

@@ -6,29 +6,26 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .deferred import Concat, materialize
 from .errors import Skip
-from .loader.shm import Concat
-from .loader.worker import in_worker
 from .text import IGNORE_INDEX, IMAGE_PAD, VISION_END, VISION_START
 
 _TEXT_KEYS = ("input_ids", "attention_mask", "labels")
-_IMAGE_KEYS = ("pixel_values", "image_pixels", "image_grid_thw")
-_VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")  # each concatenated on dim 0
+_PIXEL_KEYS = ("pixel_values", "image_pixels", "pixel_values_videos")  # large: concatenated as Concat
+_GRID_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")  # small: torch.cat
+_MEDIA_KEYS = _PIXEL_KEYS + _GRID_KEYS
 
 
-def concat_images(examples: list[dict]) -> dict:
-    """Each image key concatenated over the examples in order; inside a fastload worker as
-    :class:`~fastload.loader.shm.Concat`, which the loader writes straight into shared memory
-    (pending pixels are computed right there, once)."""
+def concat_media(examples: list[dict]) -> dict:
+    """Each image/video key concatenated over the examples in order (along dim 0). The pixel
+    keys become :class:`~fastload.deferred.Concat` write requests: whoever owns the batch's
+    buffer writes each sample's patches (still pending, if the transform deferred them)
+    straight into it."""
     out = {}
-    for key in _IMAGE_KEYS + _VIDEO_KEYS:
+    for key in _MEDIA_KEYS:
         parts = [e[key] for e in examples if key in e]
-        if not parts:
-            continue
-        if in_worker():
-            out[key] = Concat(parts)
-        else:
-            out[key] = torch.cat([p.tensor() if hasattr(p, "write_into") else p for p in parts])
+        if parts:
+            out[key] = Concat(parts) if key in _PIXEL_KEYS else torch.cat(parts)
     return out
 
 
@@ -60,12 +57,10 @@ class Qwen2VLCollator:
 
     ``pad_token_id=None`` pads ``input_ids`` with 0 — the value is masked by
     ``attention_mask`` and ``labels`` either way; :meth:`from_pretrained` takes the
-    tokenizer's pad id. Inside a fastload worker the image keys are handed over as
-    :class:`~fastload.loader.shm.Concat`, which the loader writes straight into shared
-    memory; the trainer receives ordinary tensors.
+    tokenizer's pad id. Calling the collator returns tensors; :meth:`collate_deferred` leaves
+    the pixel keys as write requests, which fastload's loader computes straight into the
+    batch's shared memory (:mod:`fastload.deferred`) — the trainer receives tensors either way.
     """
-
-    accepts_pending_pixels = True  # see fastload.loader.worker.pending_pixels_ok
 
     def __init__(self, pad_token_id: int | None = None, label_pad_token_id: int = IGNORE_INDEX,
                  pad_to_multiple_of: int | None = None, dummy_image: DummyImage | None = None):
@@ -118,10 +113,14 @@ class Qwen2VLCollator:
         return [first] + examples[1:]
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return materialize(self.collate_deferred(examples))
+
+    def collate_deferred(self, examples: list[dict]) -> dict:
+        """The batch with its pixel keys as :class:`~fastload.deferred.Concat` write requests."""
         examples = [e for e in examples if e is not None and not isinstance(e, Skip)]
         if not examples:
             raise ValueError("cannot collate an empty batch")
-        if self.dummy_image and not any(k in e for e in examples for k in _IMAGE_KEYS + _VIDEO_KEYS):
+        if self.dummy_image and not any(k in e for e in examples for k in _MEDIA_KEYS):
             examples = self._add_dummy_image(examples)
         length = self.padded_length(max(len(e["input_ids"]) for e in examples))
         batch = {}
@@ -130,5 +129,5 @@ class Qwen2VLCollator:
             for row, e in enumerate(examples):
                 out[row, : len(e[key])] = e[key]
             batch[key] = out
-        batch.update(concat_images(examples))
+        batch.update(concat_media(examples))
         return batch

@@ -91,12 +91,10 @@ class Qwen2VLRopeCollator(Qwen2VLCollator):
         super().__init__(*args, **kwargs)
         self.image_token_id, self.spatial_merge_size = image_token_id, spatial_merge_size
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        batch = super().__call__(examples)
-        grids = batch.get("image_grid_thw")
-        if grids is not None and not isinstance(grids, torch.Tensor):  # a Concat, inside a worker
-            grids = torch.cat(grids.parts)
+    def collate_deferred(self, examples: list[dict]) -> dict:
+        batch = super().collate_deferred(examples)
         batch["position_ids"], batch["rope_deltas"] = batch_rope_index(
-            batch["input_ids"], batch["attention_mask"], grids, image_token_id=self.image_token_id,
+            batch["input_ids"], batch["attention_mask"], batch.get("image_grid_thw"),
+            image_token_id=self.image_token_id,
             spatial_merge_size=self.spatial_merge_size)
         return batch

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from .budget import PackedPlanner, SampleTooLong, first_fit_decreasing, round_up
-from .collate import concat_images
+from .collate import concat_media
+from .deferred import materialize
 from .errors import Skip
 from .mrope import IMAGE_TOKEN_ID, SPATIAL_MERGE_SIZE, rope_index
 from .text import IGNORE_INDEX
@@ -36,8 +37,6 @@ class Qwen2VLPackingCollator:
     ``cutoff_len`` within it, or let ``DataLoader(max_tokens=..., on_error="skip")`` skip and
     count such samples before they reach the collator.
     """
-
-    accepts_pending_pixels = True  # see fastload.loader.worker.pending_pixels_ok
 
     def __init__(self, max_length: int | None = None, *, pad_token_id: int | None = None,
                  label_pad_token_id: int = IGNORE_INDEX, pad_to_multiple_of: int | None = None,
@@ -66,6 +65,10 @@ class Qwen2VLPackingCollator:
         return [sorted(b) for b in bins]
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return materialize(self.collate_deferred(examples))
+
+    def collate_deferred(self, examples: list[dict]) -> dict:
+        """The packed batch with its pixel keys as write requests (see :mod:`fastload.deferred`)."""
         examples = [e for e in examples if e is not None and not isinstance(e, Skip)]
         if not examples:
             raise ValueError("cannot collate an empty batch")
@@ -85,7 +88,7 @@ class Qwen2VLPackingCollator:
                 bounds.append((r + 1) * width)
         batch["seq_lens"] = torch.tensor([len(e["input_ids"]) for row in rows for e in row], dtype=torch.int32)
         batch["cu_seq_lens"] = torch.tensor(bounds, dtype=torch.int32)
-        batch.update(concat_images([e for row in rows for e in row]))
+        batch.update(concat_media([e for row in rows for e in row]))
         return batch
 
     def _place(self, batch: dict, r: int, start: int, example: dict) -> int:

@@ -546,7 +546,7 @@ class ShardDataset(IterableDataset):
             events = shuffle_buffer(events, self.shuffle, self._rng("samples"))
         return events
 
-    def stream(self, on_error: str | None = None, resume: dict | None = None
+    def stream(self, on_error: str | None = None, resume: dict | None = None, defer: bool = False
                ) -> Iterator[tuple[Origin, object]]:
         """``(origin, item)`` for every sample of this worker's share, where ``item`` is the
         transformed sample or a :class:`~fastload.errors.Skip` in its place.
@@ -555,9 +555,12 @@ class ShardDataset(IterableDataset):
         records, and skips keep their place so that batch boundaries do not move. With an
         ``exact`` resume the same stream is replayed (tar reading only) and what was
         delivered is left out after the shuffle buffer, so the rest comes in the same order.
+        ``defer``: the loader will write the batch into its own buffer, so a transform with a
+        ``deferred`` method is called through it (write requests instead of pixel tensors,
+        see :mod:`fastload.deferred`).
         """
         policy = resolve(self.on_error, on_error)
-        yield from self.transformed(self.raw_stream(policy, resume), policy)
+        yield from self.transformed(self.raw_stream(policy, resume), policy, defer)
 
     def raw_stream(self, policy: str, resume: dict | None = None) -> Iterator[tuple[Origin, Sample | Skip]]:
         """:meth:`stream` before the transform: where a stage that regroups raw samples
@@ -568,15 +571,16 @@ class ShardDataset(IterableDataset):
             events = (event for event in events if event[0] not in done)
         yield from events
 
-    def transformed(self, events: Iterable[tuple[Origin, Sample | Skip]], policy: str
+    def transformed(self, events: Iterable[tuple[Origin, Sample | Skip]], policy: str, defer: bool = False
                     ) -> Iterator[tuple[Origin, object]]:
         """The transform applied to raw events under ``policy`` (a failure becomes a Skip)."""
+        transform = getattr(self.transform, "deferred", self.transform) if defer else self.transform
         for origin, item in events:
-            if isinstance(item, Skip) or self.transform is None:
+            if isinstance(item, Skip) or transform is None:
                 yield origin, item
                 continue
             try:
-                out = self.transform(item)
+                out = transform(item)
             except Exception as exc:
                 out = skip_for(exc, origin[0], f"sample {item['__key__']!r} of {origin[0]}", policy)
             yield origin, Skip("filtered by transform", origin[0]) if out is None else out

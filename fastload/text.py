@@ -9,9 +9,11 @@ conversation becomes blocks, and how it is truncated, is the template's business
 
 Token counts for images come from the image headers, so a sample's length is known
 before any pixel is decoded; only the images whose tokens survive truncation are
-decoded. Inside a fastload worker feeding Qwen2VLCollator, ``pixel_values`` stays a
-:class:`~fastload.vision.PendingPatches` until the kernel can write it straight into the
-batch's shared memory; everywhere else it is an ordinary tensor.
+decoded, and :meth:`Qwen2VLTransform.tokenized` keeps the tokens it counted so that the
+transform does not tokenize a sample twice (token-budget batching counts, then transforms).
+``__call__`` returns tensors; :meth:`Qwen2VLTransform.deferred` leaves the pixels as write
+requests for the loader to compute straight into the batch's shared memory
+(:mod:`fastload.deferred`).
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ import numpy as np
 import torch
 
 from .decode import as_bytes, check_pixels, read_header
+from .deferred import materialize
 from .errors import Skip, check_policy
-from .loader.worker import pending_pixels_ok
 from .tokenizer import load_tokenizer, resolve_processor
 from .video import VideoInfo, probe, sample_videos
 from .video_processor import make_video_processor, video_inputs
@@ -121,6 +123,21 @@ class Encoded:
     @property
     def has_target(self) -> bool:
         return self.prompt_len < len(self.ids)
+
+
+class Tokenized(dict):
+    """A raw sample (its keys unchanged) with the transform's tokenization attached: what
+    :meth:`Qwen2VLTransform.tokenized` counted, so that transforming it does not tokenize again.
+    ``images``/``videos`` are the media whose tokens survived truncation."""
+
+    def __init__(self, sample: dict, ids: list[int], labels: list[int], images: list, videos: list):
+        super().__init__(sample)
+        self.ids, self.labels = np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+        self.images, self.videos = images, videos
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.ids)
 
 
 def sample_images(sample: dict) -> list[bytes]:
@@ -440,7 +457,8 @@ class Qwen2VLTransform:
 
     def tokenize(self, sample: dict) -> tuple[list[int], list[int], list[bytes]]:
         """(input_ids, labels, images kept) for a sample, truncated as the template says."""
-        return self._tokenize_media(sample)[:3]
+        tokens = self.tokenized(sample)
+        return tokens.ids.tolist(), tokens.labels.tolist(), tokens.images
 
     def _videos(self, conv: Conversation, sample: dict) -> list[tuple[bytes, VideoInfo]]:
         """The sample's videos with their container metadata (probed, nothing decoded),
@@ -451,8 +469,12 @@ class Qwen2VLTransform:
             raise SampleError(f"sample {conv.key!r}: {placeholders} <video> placeholders but {len(videos)} videos")
         return [(data, probe(data)) for data in videos]
 
-    def _tokenize_media(self, sample: dict) -> tuple[list[int], list[int], list[bytes], list]:
-        """``tokenize``'s result and the videos kept, as (bytes, VideoInfo)."""
+    def tokenized(self, sample: dict) -> Tokenized:
+        """The sample with its tokens, labels and kept media attached (nothing decoded):
+        ``num_tokens`` for planning batches, and what ``__call__`` finishes without tokenizing
+        again when given it instead of the raw sample."""
+        if isinstance(sample, Tokenized):
+            return sample
         conv, images = self._parsed(sample)
         videos = self._videos(conv, sample)
         self.load()
@@ -465,11 +487,12 @@ class Qwen2VLTransform:
         ids = [tok for enc, n in kept for tok in enc.ids[:n]]
         keep_images = self._kept_images(kept, conv.key, self.cutoff_len)
         keep_videos = self._kept_images(kept, conv.key, self.cutoff_len, "video")
-        return ids, self._labels(kept), [images[i] for i in keep_images], [videos[i] for i in keep_videos]
+        return Tokenized(sample, ids, self._labels(kept), [images[i] for i in keep_images],
+                         [videos[i] for i in keep_videos])
 
     def num_tokens(self, sample: dict) -> int:
         """Token length of the sample after truncation, without decoding a pixel."""
-        return len(self.tokenize(sample)[0])
+        return self.tokenized(sample).num_tokens
 
     # -- pixels ----------------------------------------------------------------------------
     def _pixels(self, images: list[bytes]) -> dict:
@@ -481,13 +504,25 @@ class Qwen2VLTransform:
             return {"image_pixels": torch.from_numpy(np.concatenate([w.reshape(-1) for w, _ in wires])),
                     "image_grid_thw": torch.tensor([g for _, g in wires], dtype=torch.long)}
         pending = proc.prepare(images)
-        pixel_values = pending if pending_pixels_ok() else pending.tensor()
-        return {"pixel_values": pixel_values, "image_grid_thw": pending.grid_thw}
+        return {"pixel_values": pending, "image_grid_thw": pending.grid_thw}
 
     def __call__(self, sample: dict) -> dict | Skip | None:
+        """The model's inputs for ``sample`` (a raw sample, or its :meth:`tokenized` form)."""
+        return self._transform(sample, defer=False)
+
+    def deferred(self, sample: dict) -> dict | Skip | None:
+        """Like ``__call__``, but ``pixel_values``/``pixel_values_videos`` are write requests
+        (:class:`~fastload.vision.PendingPatches`): decoded, not yet patched, so a collator's
+        ``collate_deferred`` and fastload's loader can have the kernel write them straight into
+        the batch's shared memory. Call ``.tensor()`` on them, or :func:`fastload.deferred.materialize`."""
+        return self._transform(sample, defer=True)
+
+    def _transform(self, sample: dict, defer: bool) -> dict | Skip | None:
         try:
-            ids, labels, images, videos = self._tokenize_media(sample)
-            pixels = {**self._pixels(images), **video_inputs(self.video_processor, videos, pending_pixels_ok())}
+            tokens = self.tokenized(sample)
+            pixels = {**self._pixels(tokens.images), **video_inputs(self.video_processor, tokens.videos)}
+            if not defer:
+                pixels = materialize(pixels)
         except DroppedSample as exc:
             self.skipped += 1
             log.info("skipping sample %r (%s): %s", sample.get("__key__"), exc.cause, exc)
@@ -499,6 +534,6 @@ class Qwen2VLTransform:
             if self.on_error == "warn":
                 log.warning("skipping sample %r: %s", sample.get("__key__"), exc)
             return None
-        input_ids = torch.tensor(ids, dtype=torch.long)
+        input_ids = torch.from_numpy(tokens.ids)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                "labels": torch.tensor(labels, dtype=torch.long), **pixels}
+                "labels": torch.from_numpy(tokens.labels), **pixels}

@@ -259,8 +259,8 @@ class Qwen2VLVideoProcessor:
 
 class PendingVideoPatches:
     """Decoded, resized frames of one or more videos whose patches are not written yet; like
-    :class:`~fastload.vision.PendingPatches`, ``write_into`` runs the kernel into any buffer of
-    ``shape`` (in a fastload worker, the batch's shared memory)."""
+    :class:`~fastload.vision.PendingPatches`, a write request (:mod:`fastload.deferred`):
+    ``write_into`` runs the kernel into any buffer of ``shape``, e.g. the batch's shared memory."""
 
     def __init__(self, processor: Qwen2VLVideoProcessor, videos: list[tuple[list[np.ndarray], VideoPlan]]):
         self.processor, self.videos = processor, videos
@@ -303,11 +303,11 @@ def make_video_processor(processor_dir, video: VideoConfig | dict | None = None,
     return Qwen2VLVideoProcessor(config, exact=exact, dtype=dtype)
 
 
-def video_inputs(processor: Qwen2VLVideoProcessor, videos: list[tuple[bytes, VideoInfo]], pending_ok: bool) -> dict:
-    """A sample's video keys for already probed videos; ``pending_ok``: in a worker whose collator
-    writes :class:`PendingVideoPatches` straight into shared memory."""
+def video_inputs(processor: Qwen2VLVideoProcessor, videos: list[tuple[bytes, VideoInfo]]) -> dict:
+    """A sample's video keys for already probed videos, ``pixel_values_videos`` as a write
+    request (:class:`PendingVideoPatches`; see :mod:`fastload.deferred`)."""
     if not videos:
         return {}
     pending = PendingVideoPatches(processor, [processor.frames(data, info) for data, info in videos])
-    return {"pixel_values_videos": pending if pending_ok else pending.tensor(),
-            "video_grid_thw": pending.grid_thw, "second_per_grid_ts": pending.second_per_grid_ts}
+    return {"pixel_values_videos": pending, "video_grid_thw": pending.grid_thw,
+            "second_per_grid_ts": pending.second_per_grid_ts}

@@ -312,9 +312,10 @@ class Qwen2VLImageProcessor:
 
 class PendingPatches:
     """Decoded images whose patches are not written yet, with the shape, dtype and byte size
-    they will have. ``write_into`` runs the kernel into any buffer of that shape — in a
-    fastload worker, the batch's shared-memory segment — so float32 patches (24 bytes per
-    pixel) are written once instead of being written, concatenated and copied."""
+    they will have: a write request (:mod:`fastload.deferred`). ``write_into`` runs the kernel
+    into any buffer of that shape — in a fastload worker, the batch's shared-memory segment —
+    so float32 patches (24 bytes per pixel) are written once instead of being written,
+    concatenated and copied."""
 
     def __init__(self, processor: Qwen2VLImageProcessor, decoded: list[tuple[np.ndarray, tuple[int, int]]]):
         self.processor, self.decoded = processor, decoded

@@ -367,7 +367,8 @@ def test_fillers_never_reach_the_collator():
     seen = []
     wrapped = DropFillers(lambda items: seen.append(items) or "batch")
     assert wrapped([example(0, 3), FILLER, FILLER]) == "batch" and FILLER not in seen[0]
-    assert DropFillers(fastload.Qwen2VLCollator()).accepts_pending_pixels
+    from fastload.deferred import defers
+    assert defers(DropFillers(fastload.Qwen2VLCollator())) and not defers(wrapped)
     from fastload.loader.fetch import EMPTY
     assert wrapped([FILLER]) is EMPTY
 

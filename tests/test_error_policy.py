@@ -166,7 +166,7 @@ class Pending(torch.utils.data.Dataset):
 
 
 def collate_pending(samples):
-    from fastload.loader.shm import Concat
+    from fastload.deferred import Concat
     return {"i": torch.tensor([s["i"] for s in samples]), "pixels": Concat([s["pixels"] for s in samples])}
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fastload
-from fastload.loader.shm import map_tree
+from fastload.tree import map_tree
 from tests.datasets_for_tests import Numbers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -273,3 +273,27 @@ def test_packed_batches_from_workers_match_the_model(model, processor_dir, tmp_p
             samples += 1
         assert out.loss.item() == pytest.approx(total, rel=1e-5)
     assert samples == 10
+
+
+class CountingTransform(fastload.Qwen2VLTransform):
+    """Counts full tokenizations (each one renders and encodes the whole conversation)."""
+
+    calls = 0
+
+    def _parsed(self, sample):
+        CountingTransform.calls += 1
+        return super()._parsed(sample)
+
+
+def test_token_budget_tokenizes_each_sample_once(processor_dir, tmp_path):
+    """Planning a batch needs every sample's token count; the transform then reuses that
+    tokenization instead of encoding the conversation a second time."""
+    transform = CountingTransform(processor_dir, max_pixels=160 * 160, cutoff_len=1024)
+    urls = write_vl_shards(tmp_path, 10)
+    plain = [transform(s) for s in fastload.ShardDataset(urls)]
+    CountingTransform.calls = 0
+    loader = fastload.DataLoader(fastload.ShardDataset(urls, transform=transform), batch_size=8,
+                                 max_tokens=700, collate_fn=fastload.Qwen2VLPackingCollator())
+    batches = list(loader)
+    assert CountingTransform.calls == 10
+    assert sorted(int(n) for b in batches for n in b["seq_lens"]) == sorted(len(e["input_ids"]) for e in plain)

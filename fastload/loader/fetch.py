@@ -14,32 +14,31 @@ from itertools import islice
 
 from torch.utils.data._utils.collate import default_collate as torch_default_collate
 
+from ..deferred import collate_deferred, defers, materialize
 from ..errors import Skip, SkipCounts, resolve, skip_for
 from .collate import default_collate
-from .shm import map_tree
 
 #: Returned when every sample of a batch was skipped: the loader moves on to the next one.
 EMPTY = object()
 
 
-def _is_pending(x) -> bool:
-    return hasattr(x, "write_into") and hasattr(x, "tensor")
-
-
-def materialize(sample):
-    """The sample with any pending pixels (``vision.PendingPatches``) computed now."""
-    return map_tree(sample, _is_pending, lambda p: p.tensor())
-
-
 class Fetcher:
-    """Fetches batches for one process (the main one, or a worker)."""
+    """Fetches batches for one process (the main one, or a worker).
+
+    ``into_buffer``: the batch will be written into a buffer the loader owns (a worker's
+    shared-memory slot), so where the collate function has ``collate_deferred``, a stream
+    dataset is asked for deferred samples and the batch may carry write requests
+    (:mod:`fastload.deferred`) that the loader computes straight into the slot.
+    """
 
     def __init__(self, dataset, is_iterable: bool, auto_collation: bool, collate_fn, drop_last: bool,
-                 on_error: str = "raise"):
+                 on_error: str = "raise", into_buffer: bool = False):
         self.dataset, self.is_iterable = dataset, is_iterable
         if collate_fn is torch_default_collate:
             collate_fn = default_collate
-        self.auto_collation, self.collate_fn, self.drop_last = auto_collation, collate_fn, drop_last
+        self.defer = into_buffer and defers(collate_fn)
+        self.auto_collation, self.drop_last = auto_collation, drop_last
+        self.collate_fn = collate_deferred(collate_fn) if self.defer else collate_fn
         self.on_error = on_error
         self.policy = resolve(getattr(dataset, "on_error", None), on_error)
         self.skips = SkipCounts()
@@ -63,7 +62,7 @@ class Fetcher:
         if not self.is_iterable:
             return
         if hasattr(self.dataset, "stream"):
-            self._stream = iter(self.dataset.stream(self.on_error, resume))
+            self._stream = iter(self.dataset.stream(self.on_error, resume, defer=self.defer))
             return
         self._stream = None
         self._it = iter(self.dataset)
@@ -150,8 +149,8 @@ class Fetcher:
         return self._stream_batch(index) if self._stream is not None else self._plain_batch(index)
 
     def recollate(self, exc: BaseException):
-        """After handing the last batch over failed (a kernel writing pending pixels into
-        shared memory): computes each sample's pixels on its own under the policy, so only
+        """After handing the last batch over failed (a write request's kernel, writing into
+        shared memory): computes each sample's requests on its own under the policy, so only
         the failing samples are lost, and collates the rest again."""
         if self.policy == "raise":
             raise exc

@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 import torch
 
-from .shm import map_tree
+from ..tree import map_tree
 
 _POLL_S = 0.1
 _JOIN_S = 5.0

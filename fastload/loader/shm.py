@@ -6,8 +6,8 @@ Nothing has a name, so no crash of any process can leak one (the kernel frees th
 with the last mapping), and ``/dev/shm``'s size (docker's default is 64 MB) does not limit
 it. Where memfd is missing or memory is short, a segment is a named file instead (in
 ``/dev/shm``, else :func:`fallback_dir`), which the main process unlinks as it maps it.
-Batches are packed into a slot (tensors and arrays as raw bytes, everything else in a small
-pickled skeleton); the main process rebuilds them as zero-copy views, and the slot goes back
+Batches are packed into a slot (tensors and arrays as raw bytes, write requests —
+:mod:`fastload.deferred` — computed straight into it, everything else in a small pickled skeleton); the main process rebuilds them as zero-copy views, and the slot goes back
 to its worker when the last view of the batch is garbage collected.
 """
 from __future__ import annotations
@@ -25,6 +25,9 @@ from multiprocessing.reduction import recv_handle
 
 import numpy as np
 import torch
+
+from ..deferred import is_request
+from ..tree import map_tree
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
 _ALIGN = 64
@@ -222,22 +225,6 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-class Concat:
-    """Tensors (or :class:`~fastload.vision.PendingPatches`) to be concatenated along dim 0,
-    written straight into the segment.
-
-    A collate function running in a fastload worker returns this instead of ``torch.cat``:
-    the trainer still receives one tensor, but the batch skips an intermediate copy (for
-    Qwen2.5-VL pixel_values, hundreds of MB of freshly faulted memory per batch).
-    """
-
-    def __init__(self, parts: list[torch.Tensor]):
-        self.parts = parts
-        self.dtype = parts[0].dtype
-        self.shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
-        self.nbytes = sum(p.nbytes for p in parts)
-
-
 def _is_plain_tensor(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.layout == torch.strided and not x.is_nested and not x.is_quantized
 
@@ -247,37 +234,18 @@ def _is_buffer(x) -> bool:
     inside the pickled skeleton, as torch's own transport would carry it."""
     if isinstance(x, torch.Tensor):
         return _is_plain_tensor(x)
-    return isinstance(x, Concat) or (isinstance(x, np.ndarray) and x.dtype != object)
+    return is_request(x) or (isinstance(x, np.ndarray) and x.dtype != object)
 
 
 def _write(x, buf, offset: int) -> None:
-    if isinstance(x, Concat):
-        for part in x.parts:
-            _write(part, buf, offset)
-            offset += part.nbytes
-        return
     if not x.nbytes:
         return
     dst = _byte_view(buf, offset, x.nbytes).view(x.dtype if isinstance(x.dtype, torch.dtype) else torch.uint8)
-    if hasattr(x, "write_into"):  # vision.PendingPatches: the kernel writes here directly
+    if is_request(x):  # e.g. the kernel writes a batch's patches here directly (fastload.deferred)
         x.write_into(dst.view(x.shape))
         return
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x)).reshape(-1).view(torch.uint8)
     dst.view(t.shape).copy_(t)
-
-
-def map_tree(obj, is_leaf, fn):
-    """Applies ``fn`` to the leaves of nested dicts/lists/tuples/namedtuples, keeping container types."""
-    if is_leaf(obj):
-        return fn(obj)
-    if isinstance(obj, dict):
-        items = {k: map_tree(v, is_leaf, fn) for k, v in obj.items()}
-        return items if type(obj) is dict else type(obj)(items)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(map_tree(v, is_leaf, fn) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(map_tree(v, is_leaf, fn) for v in obj)
-    return obj
 
 
 def _buffers(batch) -> list:

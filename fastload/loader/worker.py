@@ -149,25 +149,7 @@ def _keep_freed_memory() -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
 
 
-_in_worker = False
-_pending_ok = False
-
-
-def in_worker() -> bool:
-    """True inside a fastload worker, where collate may hand over :class:`shm.Concat`."""
-    return _in_worker
-
-
-def pending_pixels_ok() -> bool:
-    """True in a worker whose collate_fn declares ``accepts_pending_pixels`` (Qwen2VLCollator):
-    transforms may then leave patches unwritten until they can go straight to shared memory."""
-    return _pending_ok
-
-
 def worker_loop(cfg: WorkerConfig, inbox, outbox) -> None:
-    global _in_worker, _pending_ok
-    _in_worker = True
-    _pending_ok = bool(getattr(cfg.collate_fn, "accepts_pending_pixels", False))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # held while we started
     _keep_freed_memory()
@@ -183,7 +165,7 @@ def worker_loop(cfg: WorkerConfig, inbox, outbox) -> None:
     except Exception:
         init_error = ExceptionWrapper(where=f"in DataLoader worker process {cfg.worker_id}")
     fetcher = Fetcher(cfg.dataset, cfg.is_iterable, cfg.auto_collation, cfg.collate_fn, cfg.drop_last,
-                      cfg.on_error)
+                      cfg.on_error, into_buffer=True)
     try:
         _serve(cfg, fetcher, init_error, inbox, outbox)
     except (BrokenPipeError, EOFError, ConnectionResetError):
@@ -290,8 +272,9 @@ def reseed_datapipe(dataset, shared_seed: int | None) -> None:
 def _run_task(cfg: WorkerConfig, fetcher: Fetcher, slots: "Slots", idx: int, index) -> tuple:
     """Fetches one batch and writes it into a slot; the message that reports it.
 
-    Writing runs any pending pixel kernels (straight into shared memory); when that fails,
-    the fetcher recomputes the batch sample by sample under the error policy.
+    Writing computes the batch's write requests (e.g. the patch kernel) straight into shared
+    memory; when that fails, the fetcher recomputes the batch sample by sample under the
+    error policy.
     """
     batch = fetcher.fetch(index)
     if batch is not EMPTY:
