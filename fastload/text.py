@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .decode import as_bytes, check_pixels, read_header
+from .header import ParsedImage, as_bytes, parse_image
 from .errors import Skip, check_policy
 from .loader.worker import pending_pixels_ok
 from .tokenizer import load_tokenizer, resolve_processor
@@ -363,14 +363,9 @@ class Qwen2VLTransform:
         conv, images = self._parsed(sample)
         return conv.turns, images
 
-    def image_tokens(self, images: list[bytes]) -> list[int]:
+    def image_tokens(self, images: list[ParsedImage]) -> list[int]:
         """``<|image_pad|>`` count per image, from headers alone."""
-        counts = []
-        for data in images:
-            header = read_header(as_bytes(data))
-            check_pixels(header, self.image_processor.max_image_pixels)
-            counts.append(self.image_processor.num_tokens(header))
-        return counts
+        return [self.image_processor.num_tokens(image.header) for image in images]
 
     def _prompt_len(self, ids: list[int], prefix: str) -> int:
         """Tokens of ``ids`` that are wholly prompt: those shared with the prompt text alone
@@ -440,7 +435,8 @@ class Qwen2VLTransform:
 
     def tokenize(self, sample: dict) -> tuple[list[int], list[int], list[bytes]]:
         """(input_ids, labels, images kept) for a sample, truncated as the template says."""
-        return self._tokenize_media(sample)[:3]
+        ids, labels, images, _ = self._tokenize_media(sample)
+        return ids, labels, [image.data for image in images]
 
     def _videos(self, conv: Conversation, sample: dict) -> list[tuple[bytes, VideoInfo]]:
         """The sample's videos with their container metadata (probed, nothing decoded),
@@ -451,11 +447,13 @@ class Qwen2VLTransform:
             raise SampleError(f"sample {conv.key!r}: {placeholders} <video> placeholders but {len(videos)} videos")
         return [(data, probe(data)) for data in videos]
 
-    def _tokenize_media(self, sample: dict) -> tuple[list[int], list[int], list[bytes], list]:
-        """``tokenize``'s result and the videos kept, as (bytes, VideoInfo)."""
+    def _tokenize_media(self, sample: dict) -> tuple[list[int], list[int], list[ParsedImage], list]:
+        """``tokenize``'s result, its images with the headers parsed (once: the pixels reuse
+        them), and the videos kept, as (bytes, VideoInfo)."""
         conv, images = self._parsed(sample)
         videos = self._videos(conv, sample)
         self.load()
+        images = [parse_image(data, self.image_processor.max_image_pixels) for data in images]
         pad_counts = iter(self.image_tokens(images))
         video_counts = iter([self.video_processor.num_tokens(info) for _, info in videos])
         blocks = self.template.blocks(conv, self.default_system)
@@ -472,7 +470,7 @@ class Qwen2VLTransform:
         return len(self.tokenize(sample)[0])
 
     # -- pixels ----------------------------------------------------------------------------
-    def _pixels(self, images: list[bytes]) -> dict:
+    def _pixels(self, images: list[ParsedImage]) -> dict:
         if not images:
             return {}
         proc = self.image_processor
