@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .header import ParsedImage, as_bytes, parse_image
 from .errors import Skip, check_policy
+from .header import ParsedImage, as_bytes, parse_image
 from .loader.worker import pending_pixels_ok
 from .tokenizer import load_tokenizer, resolve_processor
 from .video import VideoInfo, probe, sample_videos

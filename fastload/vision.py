@@ -161,7 +161,9 @@ def resize_rgb(rgb: np.ndarray, width: int, height: int, exact: bool = True) -> 
 
 def _to_rgb_array(image, config: VisionConfig, fast: bool,
                   max_pixels: int | None) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decoded RGB pixels and the resize target (height, width) of the *original* image.
+    """Decoded RGB pixels and the resize target (height, width) of the *original* image
+    (bytes, a path, a :class:`~fastload.header.ParsedImage` whose header is reused, a PIL image
+    or a uint8 array).
 
     With ``fast``, a JPEG may decode DCT-scaled and with libjpeg-turbo's fast IDCT and
     upsampling; the target still comes from its full size (read from the header), so the
@@ -237,7 +239,8 @@ class Qwen2VLImageProcessor:
     # -- pixels ---------------------------------------------------------------
     def rgb(self, image) -> tuple[np.ndarray, tuple[int, int]]:
         """Decoded RGB of one image (approximate and DCT-scaled unless ``exact``) and its resize
-        target; with ``pre_resize``, the pixels are already pre-resized."""
+        target; with ``pre_resize``, the pixels are already pre-resized. A
+        :class:`~fastload.header.ParsedImage` (what ``Qwen2VLTransform`` passes) is not parsed again."""
         if self.pre_resize is None:
             return _to_rgb_array(image, self.config, not self.exact, self.max_image_pixels)
         if isinstance(image, (np.ndarray, Image.Image)):
@@ -335,4 +338,3 @@ class PendingPatches:
         flat = self.processor._output_buffer(None, self.shape[0])
         self.write_into(flat)
         return self.processor._wrap(flat, None, "pt")
-
