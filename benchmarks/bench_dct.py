@@ -5,8 +5,8 @@ the machine's noise hits all alike; ratios are medians of per-round ratios. PSNR
 variant's resized uint8 image (decode, then the kernel's fast resize) against the exact
 pipeline's (full accurate decode, Pillow's bicubic: transformers' pixels).
 
-    python benchmarks/bench_dct.py                  # 12, 4, 2 MP from a real photo + the real photos; 1 MP and 0.2 MP budgets
-    python benchmarks/bench_dct.py --rounds 3 --budgets 1003520     # smoke run
+    python benchmarks/bench_dct.py            # 12, 4, 2 MP from a real photo + the real photos; 1 and 0.2 MP budgets
+    python benchmarks/bench_dct.py --rounds 3 --budgets 1003520      # smoke run
 """
 from __future__ import annotations
 
@@ -84,8 +84,8 @@ def one_case(data: bytes, budget: int, rounds: int, rng: random.Random) -> dict 
 
     ms = {name: {kind: statistics.median(v[1:]) * 1e3 for kind, v in t.items()} for name, t in times.items()}
     return {"size": "x".join(map(str, parsed.header.size)), "target": f"{tw}x{th}", "scales": scales, "ms": ms,
-            "decode ratio": ratio("decode"), "total ratio": ratio("total"), "pow2 / full": ratio("decode", "pow2", "full"),
-            "psnr": quality}
+            "decode ratio": ratio("decode"), "total ratio": ratio("total"),
+            "pow2 / full": ratio("decode", "pow2", "full"), "psnr": quality}
 
 
 def main() -> None:
@@ -104,14 +104,15 @@ def main() -> None:
                 continue
             ms = r["ms"]
             rows.append([name, r["size"], budget, r["target"], f"{r['scales']['pow2']}/8", f"{r['scales']['M/8']}/8",
-                         ms["full"]["decode"], ms["pow2"]["decode"], ms["M/8"]["decode"], r["pow2 / full"], r["decode ratio"],
+                         ms["full"]["decode"], ms["pow2"]["decode"], ms["M/8"]["decode"],
+                         r["pow2 / full"], r["decode ratio"],
                          ms["pow2"]["total"], ms["M/8"]["total"], r["total ratio"],
                          r["psnr"]["pow2"], r["psnr"]["M/8"]])
     print(f"{machine()}; {args.rounds} interleaved rounds per case; cases where both rules pick the same factor "
           "are left out")
     print(table(["source", "size", "budget", "target", "pow2", "M/8", "8/8 decode ms", "pow2 decode ms",
-                 "M/8 decode ms", "pow2 / 8/8 decode", "M/8 / pow2 decode", "pow2 +resize ms", "M/8 +resize ms", "M/8 / pow2 total",
-                 "pow2 PSNR dB", "M/8 PSNR dB"], rows))
+                 "M/8 decode ms", "pow2 / 8/8 decode", "M/8 / pow2 decode", "pow2 +resize ms", "M/8 +resize ms",
+                 "M/8 / pow2 total", "pow2 PSNR dB", "M/8 PSNR dB"], rows))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+
 def _env_bytes(name: str, default: int) -> int | None:
     """A byte count from the environment (``0`` or ``none``: no budget)."""
     value = os.environ.get(name, "").strip().lower()
@@ -48,6 +49,7 @@ MAX_IMAGE_PIXELS = 89_478_485
 #: ``None`` turns the budget off; set it here or, for every worker process, with the
 #: ``FASTLOAD_MAX_IMAGE_BYTES`` environment variable (bytes; ``0`` for no budget).
 MAX_IMAGE_BYTES = _env_bytes("FASTLOAD_MAX_IMAGE_BYTES", 768 << 20)
+
 
 class ImageDecodeError(ValueError):
     """An image that cannot be decoded, or whose header disagrees with its pixels; the
