@@ -345,7 +345,7 @@ class Outcome:
 
 
 def _documented_image_error(exc: BaseException) -> bool:
-    from fastload.decode import ImageDecodeError
+    from fastload.header import ImageDecodeError
 
     return isinstance(exc, ImageDecodeError) or (
         type(exc) is ValueError and "aspect ratio" in str(exc))  # smart_resize, as transformers
@@ -374,7 +374,8 @@ def _ours(data: bytes, processors) -> np.ndarray:
     """fastload's path: header, decode (checked against the header), both processor modes
     (grid checked against the header's token count)."""
     import fastload
-    from fastload.decode import decode, read_header
+    from fastload.decode import decode
+    from fastload.header import read_header
 
     header = read_header(data)
     rgb = decode(data)
@@ -603,7 +604,7 @@ class Sandbox:
 # -- the long run --------------------------------------------------------------------------------
 def file_name(name: str, kind: str, data: bytes) -> str:
     """``name`` with an extension that says the case's kind (see ``kind_of_path``)."""
-    from fastload.decode import sniff_format
+    from fastload.header import sniff_format
 
     if kind == "tar":
         return f"{name}.tar.gz" if data[:2] == b"\x1f\x8b" else f"{name}.tar"
@@ -715,7 +716,7 @@ def memory_report() -> list[tuple[str, int, int]]:
     with glibc's mmap threshold fixed (large buffers are mapped, and returned when freed)."""
     import subprocess
 
-    from fastload.decode import decode_cost, read_header
+    from fastload.header import decode_cost, read_header
 
     rows, env = [], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     with tempfile.TemporaryDirectory() as tmp:

@@ -41,7 +41,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import simplejpeg
 
-from .decode import Header, _open_pillow, check_pixels, decode
+from .decode import decode
+from .header import Header, _open_pillow, check_pixels
 from .text import IGNORE_INDEX, Block, Conversation, DroppedSample, Encoded, tool_call_text, tool_prompt, \
     with_image_slots
 from .tokenizer import resolve_processor, special_token_id

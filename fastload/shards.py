@@ -26,8 +26,6 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .errors import Skip, check_policy, resolve, skip_for
 from .progress import Origin, Progress
 
-Sample = dict
-
 
 # -- urls ----------------------------------------------------------------------------
 def expand_urls(urls: str | Iterable[str]) -> list[str]:
@@ -231,7 +229,7 @@ def _is_meta(name: str) -> bool:
 
 
 def group_samples(members: Iterable[tuple[str, bytes | None]], url: str
-                  ) -> Iterator[tuple[Sample, MemberError | None]]:
+                  ) -> Iterator[tuple[dict, MemberError | None]]:
     """Consecutive members with the same key form one sample (webdataset's rule); members
     without a ``key.extension`` name and metadata members are passed over, as webdataset does.
 
@@ -239,7 +237,7 @@ def group_samples(members: Iterable[tuple[str, bytes | None]], url: str
     duplicate or an unreadable (GNU sparse) member: each occupies one sample position, so
     positions agree with :func:`count_samples`.
     """
-    current: Sample | None = None
+    current: dict | None = None
     error: MemberError | None = None
     for name, data in members:
         parts = None if _is_meta(name) else split_key(name)
@@ -293,7 +291,7 @@ def _lost(url: str, start: int, stop: int | None, copy: int, skip: Skip) -> Iter
         yield (url, index, copy), skip
 
 
-def read_piece(piece: Piece, policy: str, remote: dict | None = None) -> Iterator[tuple[Origin, Sample | Skip]]:
+def read_piece(piece: Piece, policy: str, remote: dict | None = None) -> Iterator[tuple[Origin, dict | Skip]]:
     """``(origin, sample)`` for each sample of the piece; under ``skip``/``warn`` a bad
     sample becomes a :class:`Skip` in its place and a broken shard ends the piece."""
     url, start, stop, copy = piece
@@ -534,7 +532,7 @@ class ShardDataset(IterableDataset):
         worker, _ = worker_and_count()
         return random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}/{stream}")
 
-    def _raw(self, pieces: list[Piece], policy: str) -> Iterator[tuple[Origin, Sample | Skip]]:
+    def _raw(self, pieces: list[Piece], policy: str) -> Iterator[tuple[Origin, dict | Skip]]:
         if self.resampled:
             rng = self._rng("resample")
             pieces = ((rng.choice(self.urls), 0, None, 0) for _ in iter(int, 1))
@@ -562,7 +560,7 @@ class ShardDataset(IterableDataset):
         policy = resolve(self.on_error, on_error)
         yield from self.transformed(self.raw_stream(policy, resume), policy, defer)
 
-    def raw_stream(self, policy: str, resume: dict | None = None) -> Iterator[tuple[Origin, Sample | Skip]]:
+    def raw_stream(self, policy: str, resume: dict | None = None) -> Iterator[tuple[Origin, dict | Skip]]:
         """:meth:`stream` before the transform: where a stage that regroups raw samples
         (``fastload.budget.TokenBatches``) goes."""
         events = self._raw(self.pieces(resume), policy)
@@ -571,7 +569,7 @@ class ShardDataset(IterableDataset):
             events = (event for event in events if event[0] not in done)
         yield from events
 
-    def transformed(self, events: Iterable[tuple[Origin, Sample | Skip]], policy: str, defer: bool = False
+    def transformed(self, events: Iterable[tuple[Origin, dict | Skip]], policy: str, defer: bool = False
                     ) -> Iterator[tuple[Origin, object]]:
         """The transform applied to raw events under ``policy`` (a failure becomes a Skip)."""
         transform = getattr(self.transform, "deferred", self.transform) if defer else self.transform

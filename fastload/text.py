@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .decode import as_bytes, check_pixels, read_header
 from .deferred import materialize
 from .errors import Skip, check_policy
+from .header import ParsedImage, as_bytes, parse_image
 from .tokenizer import load_tokenizer, resolve_processor
 from .video import VideoInfo, probe, sample_videos
 from .video_processor import make_video_processor, video_inputs
@@ -128,7 +128,8 @@ class Encoded:
 class Tokenized(dict):
     """A raw sample (its keys unchanged) with the transform's tokenization attached: what
     :meth:`Qwen2VLTransform.tokenized` counted, so that transforming it does not tokenize again.
-    ``images``/``videos`` are the media whose tokens survived truncation."""
+    ``images`` (headers parsed, :class:`~fastload.header.ParsedImage`) and ``videos`` (probed) are
+    the media whose tokens survived truncation."""
 
     def __init__(self, sample: dict, ids: list[int], labels: list[int], images: list, videos: list):
         super().__init__(sample)
@@ -380,14 +381,9 @@ class Qwen2VLTransform:
         conv, images = self._parsed(sample)
         return conv.turns, images
 
-    def image_tokens(self, images: list[bytes]) -> list[int]:
+    def image_tokens(self, images: list[ParsedImage]) -> list[int]:
         """``<|image_pad|>`` count per image, from headers alone."""
-        counts = []
-        for data in images:
-            header = read_header(as_bytes(data))
-            check_pixels(header, self.image_processor.max_image_pixels)
-            counts.append(self.image_processor.num_tokens(header))
-        return counts
+        return [self.image_processor.num_tokens(image.header) for image in images]
 
     def _prompt_len(self, ids: list[int], prefix: str) -> int:
         """Tokens of ``ids`` that are wholly prompt: those shared with the prompt text alone
@@ -458,7 +454,7 @@ class Qwen2VLTransform:
     def tokenize(self, sample: dict) -> tuple[list[int], list[int], list[bytes]]:
         """(input_ids, labels, images kept) for a sample, truncated as the template says."""
         tokens = self.tokenized(sample)
-        return tokens.ids.tolist(), tokens.labels.tolist(), tokens.images
+        return tokens.ids.tolist(), tokens.labels.tolist(), [image.data for image in tokens.images]
 
     def _videos(self, conv: Conversation, sample: dict) -> list[tuple[bytes, VideoInfo]]:
         """The sample's videos with their container metadata (probed, nothing decoded),
@@ -478,6 +474,7 @@ class Qwen2VLTransform:
         conv, images = self._parsed(sample)
         videos = self._videos(conv, sample)
         self.load()
+        images = [parse_image(data, self.image_processor.max_image_pixels) for data in images]
         pad_counts = iter(self.image_tokens(images))
         video_counts = iter([self.video_processor.num_tokens(info) for _, info in videos])
         blocks = self.template.blocks(conv, self.default_system)
@@ -495,7 +492,7 @@ class Qwen2VLTransform:
         return self.tokenized(sample).num_tokens
 
     # -- pixels ----------------------------------------------------------------------------
-    def _pixels(self, images: list[bytes]) -> dict:
+    def _pixels(self, images: list[ParsedImage]) -> dict:
         if not images:
             return {}
         proc = self.image_processor

@@ -160,7 +160,7 @@ def probe(data: bytes) -> VideoInfo:
     """The video's :class:`VideoInfo`, without decoding a frame. The frame rate is the stream's
     average rate (transformers' PyAV loader reads the same), the frame count the demuxed
     packets'. Fails on no video stream, no frame rate, no frames or a zero size."""
-    from .decode import as_bytes
+    from .header import as_bytes
 
     data = as_bytes(data)
     with _open(data) as container:

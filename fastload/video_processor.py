@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import torch
 
-from .decode import MAX_IMAGE_PIXELS, _env_bytes, as_bytes
+from .header import MAX_IMAGE_PIXELS, _env_bytes, as_bytes
 from .tokenizer import resolve_processor
 from .video import VideoDecodeError, VideoInfo, decode_frames, probe, rgb24
 from .vision import Qwen2VLImageProcessor, VisionConfig, fresh_array, resize_rgb, smart_resize

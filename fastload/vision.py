@@ -1,7 +1,9 @@
-"""The Qwen2.5-VL image pipeline: smart_resize, the fused kernel, and the uint8 wire format.
+"""The Qwen2.5-VL image pipeline: smart_resize, the processor settings, the fused kernel.
 
 Values, dtype and layout equal transformers' ``Qwen2VLImageProcessor``; the work is one
-pass of ``csrc/kernels.cpp`` from the decoder's rows into the output buffer.
+pass of ``csrc/kernels.cpp`` from the decoder's rows into the output buffer. Headers come
+from :mod:`fastload.header` (read once per image), pixels from :mod:`fastload.decode`, and
+the uint8 wire format's expansion lives in :mod:`fastload.wire`.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import torch
 from PIL import Image
 
 from . import _kernels
-from .decode import MAX_IMAGE_PIXELS, Header, as_bytes, check_pixels, decode, pil_to_rgb, read_header
+from .decode import decode, pil_to_rgb
+from .header import MAX_IMAGE_PIXELS, Header, parse_image
 from .tokenizer import resolve_processor
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -158,7 +161,9 @@ def resize_rgb(rgb: np.ndarray, width: int, height: int, exact: bool = True) -> 
 
 def _to_rgb_array(image, config: VisionConfig, fast: bool,
                   max_pixels: int | None) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decoded RGB pixels and the resize target (height, width) of the *original* image.
+    """Decoded RGB pixels and the resize target (height, width) of the *original* image
+    (bytes, a path, a :class:`~fastload.header.ParsedImage` whose header is reused, a PIL image
+    or a uint8 array).
 
     With ``fast``, a JPEG may decode DCT-scaled and with libjpeg-turbo's fast IDCT and
     upsampling; the target still comes from its full size (read from the header), so the
@@ -173,13 +178,10 @@ def _to_rgb_array(image, config: VisionConfig, fast: bool,
     if isinstance(image, Image.Image):
         rgb = pil_to_rgb(image)
         return rgb, config.target_size(rgb.shape[0], rgb.shape[1])
-    data = as_bytes(image)
-    header = read_header(data)
-    check_pixels(header, max_pixels)
-    width, height = header.size
+    parsed = parse_image(image, max_pixels)  # as it is when the caller parsed it already
+    width, height = parsed.header.size
     target = config.target_size(height, width)
-    rgb = decode(data, target_hw=target if fast else None, fast=fast, max_pixels=max_pixels,
-                 header=header)
+    rgb = decode(parsed, target_hw=target if fast else None, fast=fast, max_pixels=max_pixels)
     return np.ascontiguousarray(rgb), target  # EXIF rotations arrive as views
 
 
@@ -237,15 +239,16 @@ class Qwen2VLImageProcessor:
     # -- pixels ---------------------------------------------------------------
     def rgb(self, image) -> tuple[np.ndarray, tuple[int, int]]:
         """Decoded RGB of one image (approximate and DCT-scaled unless ``exact``) and its resize
-        target; with ``pre_resize``, the pixels are already pre-resized."""
+        target; with ``pre_resize``, the pixels are already pre-resized. A
+        :class:`~fastload.header.ParsedImage` (what ``Qwen2VLTransform`` passes) is not parsed again."""
         if self.pre_resize is None:
             return _to_rgb_array(image, self.config, not self.exact, self.max_image_pixels)
         if isinstance(image, (np.ndarray, Image.Image)):
             rgb, _ = _to_rgb_array(image, self.config, False, None)
             rgb = self.pre_resize.resize_array(rgb, self.exact)
         else:
-            data = as_bytes(image)
-            rgb = self.pre_resize.rgb(data, read_header(data), self.exact, self.max_image_pixels)
+            parsed = parse_image(image, self.max_image_pixels)
+            rgb = self.pre_resize.rgb(parsed.data, parsed.header, self.exact, self.max_image_pixels)
         return np.ascontiguousarray(rgb), self.config.target_size(rgb.shape[0], rgb.shape[1])
 
     def input_size(self, header: Header) -> tuple[int, int]:
@@ -336,24 +339,3 @@ class PendingPatches:
         flat = self.processor._output_buffer(None, self.shape[0])
         self.write_into(flat)
         return self.processor._wrap(flat, None, "pt")
-
-
-def expand_patches(pixels: torch.Tensor, image_grid_thw: torch.Tensor, config: VisionConfig | None = None,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Turns the uint8 wire format into ``pixel_values``, on whatever device ``pixels`` is.
-
-    ``pixels`` is the concatenation of each image's flattened resized (h, w, 3) uint8 array;
-    the result equals the fused kernel's output bit for bit (same lookup table).
-    """
-    cfg = config or VisionConfig()
-    lut = torch.from_numpy(cfg.lut(torch.float32)).to(pixels.device)
-    P, M, T = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
-    chunks, offset = [], 0
-    for _, gh, gw in image_grid_thw.tolist():
-        h, w = gh * P, gw * P
-        img = pixels[offset:offset + h * w * 3].view(h, w, 3).permute(2, 0, 1).long()
-        offset += h * w * 3
-        values = torch.gather(lut, 1, img.reshape(3, -1)).view(3, gh // M, M, P, gw // M, M, P)
-        patches = values.permute(1, 4, 2, 5, 0, 3, 6).unsqueeze(5).expand(-1, -1, -1, -1, -1, T, -1, -1)
-        chunks.append(patches.reshape(gh * gw, 3 * T * P * P))
-    return torch.cat(chunks).to(dtype) if chunks else pixels.new_empty((0, 3 * T * P * P), dtype=dtype)

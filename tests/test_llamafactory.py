@@ -18,7 +18,7 @@ from PIL import Image
 import fastload
 from fastload.baseline import content_list, reference_processor
 from fastload.cli.shard import main as shard_main
-from fastload.decode import read_header
+from fastload.header import read_header
 from fastload.errors import Skip
 from fastload.llamafactory import LlamaFactoryImages, load_config
 from fastload.shards import ShardDataset

@@ -21,7 +21,8 @@ from functools import partial
 
 from tqdm import tqdm
 
-from ..decode import EXTENSIONS, MAX_IMAGE_PIXELS, ImageDecodeError, check_pixels, decode, read_header, sniff_format
+from ..decode import decode
+from ..header import EXTENSIONS, MAX_IMAGE_PIXELS, ImageDecodeError, check_pixels, read_header, sniff_format
 from ..sources import Columns, RecordError, dataset_names, dataset_records, open_source
 from ..video import shard_member as video_member
 from ..writer import ImageStats, ShardWriter
