@@ -285,8 +285,10 @@ class Qwen2VLTransform:
     processor do (``template="transformers"``); :meth:`from_llamafactory` reproduces
     LLaMA-Factory's ``qwen2_vl`` pipeline instead.
 
-    ``processor_dir`` is a folder or a hub id in the local Hugging Face cache. Picklable: only
-    the configuration travels; the tokenizer is loaded once per process. ``dtype=torch.uint8``
+    ``processor_dir`` is a folder or a hub id in the local Hugging Face cache. The tokenizer is
+    loaded when the transform is built, in the trainer's process, so forked DataLoader workers
+    inherit it rather than each loading it on the first batch's critical path. Picklable: only
+    the configuration travels (a spawned worker loads the tokenizer once, from the disk cache). ``dtype=torch.uint8``
     returns the compact wire format (``image_pixels``, the resized uint8 images) for
     :func:`fastload.expand_patches` to expand on the device.
 
@@ -317,6 +319,7 @@ class Qwen2VLTransform:
             self.processor_dir, video, exact=exact, dtype=torch.float32 if dtype == torch.uint8 else dtype)
         self.skipped = 0
         self._tok = None
+        self.load()
 
     @classmethod
     def from_llamafactory(cls, config, **overrides) -> "Qwen2VLTransform":
@@ -335,7 +338,7 @@ class Qwen2VLTransform:
         self._tok = None
 
     def load(self) -> "Qwen2VLTransform":
-        """Loads the tokenizer now (e.g. in the parent, so forked workers inherit it)."""
+        """Loads the tokenizer if this process has not (after unpickling, it has not)."""
         if self._tok is None:
             self._tok = load_tokenizer(self.processor_dir)
             self._ids = {t: self._tok.token_to_id(t) for t in (VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD)}

@@ -300,3 +300,29 @@ def test_content_tokens_still_pass_as_the_reference_tokenizes_them(reference, tr
     out = transform(make_sample(messages, images))
     assert out["input_ids"].tolist() == ref["input_ids"][0].tolist()
     assert out["labels"].tolist() == expected_labels(ref["input_ids"][0].tolist())
+
+
+class _TokenizerAtStart(torch.utils.data.Dataset):
+    """Reports, from inside the worker, whether the transform it was handed already held a tokenizer."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return int(self.transform._tok is not None)
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_workers_start_with_the_trainers_tokenizer(processor_dir, context):
+    """Built in the trainer, the transform holds its tokenizer: forked workers inherit it (no
+    load on the first batch's critical path); spawned ones get the configuration only, and load it."""
+    transform = fastload.Qwen2VLTransform(processor_dir)
+    assert transform._tok is not None
+    loader = fastload.DataLoader(_TokenizerAtStart(transform), batch_size=None, num_workers=1,
+                                 multiprocessing_context=context)
+    assert list(loader) == ([1, 1] if context == "fork" else [0, 0])
+    sample = make_sample([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], [])
+    assert torch.equal(pickle.loads(pickle.dumps(transform))(sample)["input_ids"], transform(sample)["input_ids"])
