@@ -71,6 +71,7 @@ class Header:
     mode: str = "RGB"  # the mode it decodes to, as Pillow names it ("L", "P", "RGBA", "CMYK", "I;16", ...)
     alpha: bool = False  # composited onto white on the way to RGB (alpha band or transparency)
     progressive: bool = False  # JPEG: several scans, so the decoder keeps every coefficient
+    animated: bool = False  # APNG: Pillow decodes its first frame, which need not be the IDAT image
 
     @property
     def size(self) -> tuple[int, int]:
@@ -327,7 +328,7 @@ def _png_header(data: bytes) -> Header:
     if size is None:
         raise ImageDecodeError("PNG has no IHDR chunk before its image data")
     return Header("png", size[0], size[1], _png_orientation(metadata), mode,
-                  alpha or mode in ("LA", "RGBA"))
+                  alpha or mode in ("LA", "RGBA"), animated=animated)
 
 
 #: Pillow's mode per (bit depth, colour type) of a PNG (PngImagePlugin._MODES).
