@@ -146,7 +146,8 @@ def _video_stream(container):
 
 def _timeline(container, stream) -> tuple[int, tuple[int, ...] | None, tuple[int, ...] | None, int]:
     """(frame count, sorted frame pts, sorted keyframe pts, rotation) from the demuxed packets;
-    only the packets up to the first frame are decoded, for the frame's display rotation."""
+    packets are decoded one by one, each on its own, until one gives a frame: its display
+    rotation is the stream's."""
     import av
 
     pts, keys, count, usable, rotation = [], [], 0, True, None
@@ -157,16 +158,15 @@ def _timeline(container, stream) -> tuple[int, tuple[int, ...] | None, tuple[int
             count += 1
             if count > MAX_PROBE_FRAMES:
                 raise VideoDecodeError(f"more than {MAX_PROBE_FRAMES} frames")
-            if rotation is None:
-                rotation = _rotation(packet.decode())
+            if rotation is None:  # this packet alone, drained: one frame decoded, not the reorder delay's worth
+                rotation = _rotation([*packet.decode(), *stream.codec_context.decode(None)])
+                stream.codec_context.flush_buffers()
             if packet.pts is None:
                 usable = False
                 continue
             pts.append(packet.pts)
             if packet.is_keyframe:
                 keys.append(packet.pts)
-        if rotation is None and count:
-            rotation = _rotation(stream.codec_context.decode(None))  # a decoder still holding its first frame
     except av.FFmpegError as exc:
         raise VideoDecodeError(f"corrupt or truncated container: {exc}") from exc
     if not usable or len(set(pts)) != len(pts):
