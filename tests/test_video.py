@@ -361,12 +361,6 @@ def test_mllm_video_demo_shards(mllm_demo, tmp_path):
         assert tar.extractfile("000000000.0.mp4").read() == (mllm_demo / "mllm_demo_data" / "1.mp4").read_bytes()
 
 
-def test_rope_index_refuses_videos(videos, processor_dir):
-    out = fastload.Qwen2VLTransform(processor_dir)(video_sample(ASK, [videos["h264.mp4"]]))
-    with pytest.raises(ValueError, match="video tokens"):
-        fastload.rope_index(out["input_ids"])
-
-
 def test_a_batch_with_videos_trains_a_tiny_qwen2_5_vl(model, videos, processor_dir):
     """Qwen2.5-VL's architecture at toy size (test_packing's): a collated batch mixing videos and an
     image passes forward and backward, the vision tower receiving gradients through the video patches."""
