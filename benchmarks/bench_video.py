@@ -10,8 +10,9 @@ them (and is what the 2-thread decode is judged by).
 
 Per video and round, interleaved (each method once per round, rounds repeated, medians kept):
 
-- ``fastload``: probe (packets only), sample at fps 2.0, seek and decode only the sampled frames
-  (non-reference frames in between skipped), kernel resize + normalize + patchify; ``exact`` too.
+- ``fastload``: probe (packets, one decoded for the rotation), sample at fps 2.0, seek and decode
+  only the sampled frames (non-reference frames in between skipped), kernel resize + normalize +
+  patchify; ``exact`` too.
 - ``decode sampled``: the same decoding with no conversion: the floor for any pipeline reading
   these frames with this decoder (the issue's target: fastload <= 1.5x of it).
 - ``decode all``: every frame decoded in order (what a loader that reads the whole stream pays).

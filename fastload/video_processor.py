@@ -12,9 +12,9 @@ Equal to transformers' ``Qwen2VLVideoProcessor`` (and ``Qwen2_5_VLProcessor``'s
 - **Patches**: frames ``2g`` and ``2g + 1`` form temporal patch ``g`` (an odd count repeats the
   last frame, as transformers pads); ``second_per_grid_ts = temporal_patch_size / sampled_fps``.
 
-Everything but the pixels comes from :func:`fastload.video.probe` (packets, no decoding): the
-grid, the token count, and the output's byte size, which is checked against
-:data:`MAX_VIDEO_BYTES` before a frame is decoded. The frames are decoded by
+Everything but the pixels comes from :func:`fastload.video.probe` (packets, one decoded for
+the display rotation): the grid, the token count, and the output's byte size, which is checked
+against :data:`MAX_VIDEO_BYTES` before the sampled frames are decoded. The frames are decoded by
 :func:`fastload.video.decode_frames`, each resized to the target right away (only small uint8
 frames are held), and the fused kernel writes the patches once, straight into the batch's
 shared memory in a fastload worker (see :class:`PendingVideoPatches`).
