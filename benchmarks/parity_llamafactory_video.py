@@ -7,7 +7,7 @@ The LLaMA-Factory side runs in its own venv (see ``parity_llamafactory.py``): it
 conversations, per setting of ``video_fps`` / ``video_maxlen`` / ``video_max_pixels`` /
 ``video_min_pixels``. The videos are the mllm_demo's and a few small generated ones kept in
 ``tests/golden/llamafactory_videos`` (odd frame counts, sides under 28, a wide frame, MPEG-4 at
-29.97 fps). This process compares ``Qwen2VLTransform.from_llamafactory`` with the record and
+29.97 fps, a display rotation LLaMA-Factory does not apply). This process compares ``Qwen2VLTransform.from_llamafactory`` with the record and
 writes ``tests/golden/llamafactory_video_golden.json``: input_ids, trained positions,
 video_grid_thw, second_per_grid_ts and 64 pixel values per record.
 """
@@ -38,11 +38,12 @@ from parity_llamafactory import (
 VIDEOS = os.path.join(GOLDEN, "llamafactory_videos")
 GOLDEN_FILE = os.path.join(GOLDEN, "llamafactory_video_golden.json")
 DEMO_VIDEOS = ("1.mp4", "2.avi", "3.mp4")
-GENERATED = {  # name -> (format, codec, width, height, frames, rate, options)
-    "odd.mp4": ("mp4", "libx264", 96, 64, 23, 24, {"preset": "ultrafast", "bf": "2", "g": "8"}),
-    "ntsc.avi": ("avi", "mpeg4", 160, 120, 95, fractions.Fraction(30000, 1001), {"g": "12"}),
-    "tiny.mp4": ("mp4", "libx264", 24, 20, 30, 10, {"preset": "ultrafast"}),
-    "wide.mp4": ("mp4", "libx264", 320, 48, 41, 15, {"preset": "ultrafast"}),
+GENERATED = {  # name -> (format, codec, width, height, frames, rate, options, display rotation)
+    "odd.mp4": ("mp4", "libx264", 96, 64, 23, 24, {"preset": "ultrafast", "bf": "2", "g": "8"}, 0),
+    "ntsc.avi": ("avi", "mpeg4", 160, 120, 95, fractions.Fraction(30000, 1001), {"g": "12"}, 0),
+    "tiny.mp4": ("mp4", "libx264", 24, 20, 30, 10, {"preset": "ultrafast"}, 0),
+    "wide.mp4": ("mp4", "libx264", 320, 48, 41, 15, {"preset": "ultrafast"}, 0),
+    "rotated.mp4": ("mp4", "libx264", 112, 56, 16, 8, {"preset": "ultrafast"}, 90),  # a phone's portrait clip
 }
 SETTINGS = {
     "default": {},
@@ -58,7 +59,7 @@ def make_videos() -> None:
     import numpy as np
 
     os.makedirs(VIDEOS, exist_ok=True)
-    for name, (fmt, codec, width, height, frames, rate, options) in GENERATED.items():
+    for name, (fmt, codec, width, height, frames, rate, options, rotation) in GENERATED.items():
         path = os.path.join(VIDEOS, name)
         if os.path.exists(path):
             continue
@@ -66,6 +67,8 @@ def make_videos() -> None:
         with av.open(path, "w", format=fmt) as out:
             stream = out.add_stream(codec, rate=rate, options=options)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            if rotation:
+                stream.set_display_rotation(rotation)
             for i in range(frames):
                 img = np.kron(np.roll(base, i, axis=1), np.ones((4, 4, 1), np.uint8))[:height, :width].copy()
                 for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):

@@ -380,7 +380,7 @@ def test_a_batch_with_videos_trains_a_tiny_qwen2_5_vl(model, videos, processor_d
 LF_GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
 LF_SETTINGS = {"default": {}, "fps1_maxlen4": {"video_fps": 1.0, "video_maxlen": 4},
                "pixels_16k_4k": {"video_max_pixels": 128 * 128, "video_min_pixels": 64 * 64}, "fps5": {"video_fps": 5.0}}
-LF_VIDEOS = ["odd.mp4", "ntsc.avi", "tiny.mp4", "wide.mp4", "demo1.mp4", "demo2.avi", "demo3.mp4"]
+LF_VIDEOS = ["odd.mp4", "ntsc.avi", "tiny.mp4", "wide.mp4", "rotated.mp4", "demo1.mp4", "demo2.avi", "demo3.mp4"]
 
 
 def unrle(pairs: list[list[int]]) -> list[int]:
@@ -398,7 +398,7 @@ def test_llamafactory_preset_samples_videos_as_llamafactory(setting, name, lf_go
     """``from_llamafactory`` against LLaMA-Factory 0.9.5 itself on one-video conversations
     (recorded by ``benchmarks/parity_llamafactory_video.py``): its sampling by ``video_fps`` over
     the header's duration, ``video_maxlen``, the ``video_max_pixels``/``video_min_pixels``
-    pre-resize and 28-pixel fixes, odd counts padded; input_ids, trained positions, grids and
+    pre-resize and 28-pixel fixes, odd counts padded, no display rotation; input_ids, trained positions, grids and
     second_per_grid_ts identical, pixels within LLaMA-Factory's torchvision backend noise."""
     expected = lf_golden[setting][LF_VIDEOS.index(name)]
     path = (need_shared(MLLM_DEMO) / "mllm_demo_data" / name[4:] if name.startswith("demo")
