@@ -34,6 +34,7 @@ from fastload.video import (
 from fastload.video_processor import Qwen2VLVideoProcessor, VideoConfig
 
 from .conftest import MLLM_DEMO, jpeg_bytes, need_shared, photo_like, pillow_rgb
+from .test_llamafactory import unrle
 from .test_packing import model  # noqa: F401  (the tiny random Qwen2.5-VL, a fixture)
 
 MAX_PIXELS = 200_704  # images, as in test_text
@@ -381,10 +382,6 @@ LF_GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
 LF_SETTINGS = {"default": {}, "fps1_maxlen4": {"video_fps": 1.0, "video_maxlen": 4},
                "pixels_16k_4k": {"video_max_pixels": 128 * 128, "video_min_pixels": 64 * 64}, "fps5": {"video_fps": 5.0}}
 LF_VIDEOS = ["odd.mp4", "ntsc.avi", "tiny.mp4", "wide.mp4", "rotated.mp4", "demo1.mp4", "demo2.avi", "demo3.mp4"]
-
-
-def unrle(pairs: list[list[int]]) -> list[int]:
-    return [value for value, count in pairs for _ in range(count)]
 
 
 @pytest.fixture(scope="module")
