@@ -15,6 +15,12 @@ take the training YAML (a path) or its arguments (a dict) and reproduce, sample 
   (``int(w * sqrt(max / (w * h)))``), Qwen2-VL's 28-pixel and aspect-ratio fixes, then
   ``smart_resize``, all in the kernel on the decoded pixels (no re-encoding); no EXIF
   orientation, and alpha dropped rather than composited, as LLaMA-Factory does.
+- **Videos** (``Qwen2VLPlugin._regularize_videos``): ``video_fps`` frames per second of the
+  header's duration, at most ``video_maxlen``, spread by ``np.linspace`` over the header's frame
+  count; each frame Pillow-bicubic to ``video_max_pixels`` / ``video_min_pixels`` with the same
+  fixes as images, then ``smart_resize``; an odd count repeats the last frame;
+  ``second_per_grid_ts`` from the sampled count over the header's duration. No rotation
+  metadata applied (LLaMA-Factory's ``frame.to_image()`` applies none).
 - **Collation**: the tokenizer's pad id, a multiple of 8, and LLaMA-Factory's dummy 64x64 image
   in a batch without images (its guard against ZeRO-3/FSDP hangs).
 
@@ -27,8 +33,12 @@ Where the preset deliberately differs:
   still passes them, with the same error), the tokens staying identical.
 - **Pixels** equal transformers' PIL backend bit for bit; LLaMA-Factory loads the torchvision
   backend where torchvision is installed, which differs from PIL by backend noise (≈0.1).
-- **Not reproduced**: packing (see ``fastload.packing``), videos and audio (skipped when
-  sharding), ``tokenized_path`` (fastload tokenizes in the loader: nothing to cache),
+- **Videos without a frame count or duration in their header** (WebM/Matroska may have
+  neither; LLaMA-Factory then samples ``video_maxlen`` frames whatever the length, or fails):
+  a clear :class:`~fastload.video.VideoDecodeError`, as is a header claiming frames the
+  stream does not have (LLaMA-Factory silently trains on fewer frames than tokens).
+- **Not reproduced**: packing (see ``fastload.packing``), audio (skipped when sharding),
+  ``tokenized_path`` (fastload tokenizes in the loader: nothing to cache),
   ``position_ids`` (the model computes them, as it does when LLaMA-Factory passes none).
 """
 from __future__ import annotations
@@ -46,6 +56,8 @@ from .header import Header, _open_pillow, check_pixels
 from .text import IGNORE_INDEX, Block, Conversation, DroppedSample, Encoded, tool_call_text, tool_prompt, \
     with_image_slots
 from .tokenizer import resolve_processor, special_token_id
+from .video import VideoDecodeError, VideoInfo
+from .video_processor import VideoConfig
 from .vision import resize_rgb
 
 log = logging.getLogger("fastload.llamafactory")
@@ -56,6 +68,8 @@ DEFAULTS = {"template": None, "cutoff_len": 2048, "image_max_pixels": 768 * 768,
             "dataset": None, "dataset_dir": "data", "media_dir": None, "ignore_pad_token_for_loss": True,
             "do_train": True, "split_special_tokens": False, "packing": None, "neat_packing": False}
 TEMPLATES = ("qwen2_vl",)
+#: ... and for videos (LLaMA-Factory's ``ModelArguments``).
+VIDEO_DEFAULTS = {"video_fps": 2.0, "video_maxlen": 128, "video_max_pixels": 256 * 256, "video_min_pixels": 16 * 16}
 _IGNORED = ("tokenized_path", "preprocessing_num_workers", "overwrite_cache", "streaming")
 
 
@@ -93,7 +107,17 @@ def transform_kwargs(config) -> dict:
     return {"processor_dir": cfg["model_name_or_path"], "cutoff_len": cfg["cutoff_len"],
             "mask_history": cfg["mask_history"], "train_on_prompt": cfg["train_on_prompt"],
             "default_system": cfg["default_system"], "template": LlamaFactoryTemplate(), "exact": True,
-            "pre_resize": LlamaFactoryImages(cfg["image_max_pixels"], cfg["image_min_pixels"])}
+            "pre_resize": LlamaFactoryImages(cfg["image_max_pixels"], cfg["image_min_pixels"]),
+            "video": video_config(cfg)}
+
+
+def video_config(cfg: dict) -> VideoConfig:
+    """The video settings of a loaded config: the processor folder's patch layout and pixel
+    budget (what LLaMA-Factory's video processor resizes with), LLaMA-Factory's sampling."""
+    video = {**VIDEO_DEFAULTS, **{k: v for k, v in cfg.items() if k in VIDEO_DEFAULTS}}
+    sampler = LlamaFactoryVideos(video["video_fps"], video["video_maxlen"],
+                                 LlamaFactoryImages(video["video_max_pixels"], video["video_min_pixels"]))
+    return VideoConfig.from_pretrained(cfg["model_name_or_path"], sampler=sampler, cap_pixels_per_frame=False)
 
 
 def collator_kwargs(config) -> dict:
@@ -267,6 +291,35 @@ class LlamaFactoryImages:
                 im = im.resize(size)  # Pillow's default filter per mode, as LLaMA-Factory calls it
             rgb = np.asarray(im.convert("RGB"))
         return self._chain(rgb, self.qwen_steps(rgb.shape[1], rgb.shape[0]), exact)
+
+
+@dataclass(frozen=True)
+class LlamaFactoryVideos:
+    """LLaMA-Factory 0.9.5's video sampling for Qwen2-VL (``_get_video_sample_indices`` and
+    ``Qwen2VLPlugin._regularize_videos``) as a :class:`~fastload.video_processor.FrameSampler`.
+    It trusts the header: the frame count and duration the container claims, not the packets."""
+
+    fps: float = 2.0
+    maxlen: int = 128
+    frames: LlamaFactoryImages = LlamaFactoryImages(256 * 256, 16 * 16)
+
+    @staticmethod
+    def _seconds(info: VideoInfo) -> float:
+        if not info.header_frames or not info.header_seconds:
+            raise VideoDecodeError("the video's header gives no frame count or duration, which LLaMA-Factory "
+                                   "samples from (it would sample video_maxlen frames or fail)")
+        return info.header_seconds
+
+    def indices(self, info: VideoInfo) -> np.ndarray:
+        count = max(1, math.floor(self._seconds(info) * self.fps))
+        count = min(info.header_frames, self.maxlen, count)
+        return np.linspace(0, info.header_frames - 1, count).astype(np.int32)
+
+    def sampled_fps(self, info: VideoInfo, count: int) -> float:
+        return count / self._seconds(info)
+
+    def steps(self, width: int, height: int) -> list[tuple[int, int]]:
+        return self.frames.steps(width, height)
 
 
 def _jpeg_colorspace(data: bytes) -> str:

@@ -16,7 +16,7 @@ from .budget import PackedPlanner, SampleTooLong, first_fit_decreasing, round_up
 from .collate import concat_media
 from .deferred import materialize
 from .errors import Skip
-from .mrope import IMAGE_TOKEN_ID, SPATIAL_MERGE_SIZE, rope_index
+from .mrope import IMAGE_TOKEN_ID, SPATIAL_MERGE_SIZE, TOKENS_PER_SECOND, VIDEO_TOKEN_ID, rope_index
 from .text import IGNORE_INDEX
 
 class Qwen2VLPackingCollator:
@@ -25,7 +25,8 @@ class Qwen2VLPackingCollator:
 
     Returns ``input_ids``, ``labels`` (each sample's first label masked, so no sample learns
     to predict its neighbour's first token), ``position_ids`` of shape ``(4, rows, L)``,
-    ``pixel_values``/``image_grid_thw`` in the order their samples sit in the rows, and for
+    ``pixel_values``/``image_grid_thw`` (and the video keys) in the order their samples sit in
+    the rows (``tokens_per_second``: the model's ``vision_config.tokens_per_second``), and for
     flash-attention varlen users ``seq_lens`` (each sample's length, in row order) and
     ``cu_seq_lens`` (int32 offsets into the flattened rows, a row's padding tail being a
     sequence of its own). No ``attention_mask``: the packed mask comes from the positions.
@@ -40,14 +41,16 @@ class Qwen2VLPackingCollator:
 
     def __init__(self, max_length: int | None = None, *, pad_token_id: int | None = None,
                  label_pad_token_id: int = IGNORE_INDEX, pad_to_multiple_of: int | None = None,
-                 image_token_id: int = IMAGE_TOKEN_ID, spatial_merge_size: int = SPATIAL_MERGE_SIZE):
+                 image_token_id: int = IMAGE_TOKEN_ID, video_token_id: int = VIDEO_TOKEN_ID,
+                 spatial_merge_size: int = SPATIAL_MERGE_SIZE, tokens_per_second: int = TOKENS_PER_SECOND):
         if max_length is not None and pad_to_multiple_of and max_length % pad_to_multiple_of:
             raise ValueError(f"max_length={max_length} must be a multiple of pad_to_multiple_of="
                              f"{pad_to_multiple_of}, or padded rows would outgrow it")
         self.max_length, self.pad_to_multiple_of = max_length, pad_to_multiple_of
         self.pad_token_id = 0 if pad_token_id is None else pad_token_id
         self.label_pad_token_id = label_pad_token_id
-        self.image_token_id, self.spatial_merge_size = image_token_id, spatial_merge_size
+        self.image_token_id, self.video_token_id = image_token_id, video_token_id
+        self.spatial_merge_size, self.tokens_per_second = spatial_merge_size, tokens_per_second
 
     def token_planner(self, max_tokens: int, max_samples: int) -> PackedPlanner:
         """How ``DataLoader(max_tokens=...)`` forms batches for this collator: at most
@@ -100,6 +103,7 @@ class Qwen2VLPackingCollator:
         batch["labels"][r, start] = self.label_pad_token_id
         batch["position_ids"][0, r, start:end] = torch.arange(len(ids))
         batch["position_ids"][1:, r, start:end] = rope_index(
-            ids, example.get("image_grid_thw"), image_token_id=self.image_token_id,
-            spatial_merge_size=self.spatial_merge_size)[0]
+            ids, example.get("image_grid_thw"), example.get("video_grid_thw"), example.get("second_per_grid_ts"),
+            image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+            spatial_merge_size=self.spatial_merge_size, tokens_per_second=self.tokens_per_second)[0]
         return end

@@ -6,8 +6,9 @@ torchcodec's PyPI wheels need a CUDA build of torch and the system's FFmpeg: see
 
 - :func:`sniff_container` names the container from its first bytes (what ``fastload-shard``
   stores the bytes under).
-- :func:`probe` reads the container's packets without decoding any (a few ms for a minute of
-  video): frame count, frame rate, size, and every frame's presentation time. The frame count
+- :func:`probe` reads the container's packets, decoding only the first frame (a few ms for a
+  minute of video): frame count, frame rate, size, display rotation, and every frame's
+  presentation time. The frame count
   is the count of packets the demuxer hands out, not what the header claims, so a container
   that lies (10^9 frames, a missing count in WebM/Matroska) still gives the count the decode
   will meet; token counts come from here, before any frame is decoded.
@@ -99,7 +100,11 @@ class VideoInfo:
 
     ``frame_pts`` holds every frame's presentation timestamp in presentation order (stream
     time base) and ``key_pts`` the keyframes'; None when the packets carry no usable
-    timestamps, in which case decoding counts frames from the start instead of seeking."""
+    timestamps, in which case decoding counts frames from the start instead of seeking.
+    ``header_frames`` and ``header_seconds`` are what the header claims (0 and None where it
+    is silent): LLaMA-Factory samples from them (:class:`fastload.llamafactory.LlamaFactoryVideos`).
+    ``rotation`` is the display matrix's counter-clockwise turn (0, 90, 180 or 270) that shows
+    the stored frames (``width`` x ``height``) upright, read from the first decoded frame."""
 
     container: str | None
     codec: str
@@ -111,6 +116,14 @@ class VideoInfo:
     nbytes: int
     frame_pts: tuple[int, ...] | None = None
     key_pts: tuple[int, ...] | None = None
+    header_frames: int = 0
+    header_seconds: float | None = None
+    rotation: int = 0
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        """(width, height) as displayed: a quarter turn swaps them."""
+        return (self.height, self.width) if self.rotation % 180 else (self.width, self.height)
 
 
 def _open(data: bytes):
@@ -131,11 +144,13 @@ def _video_stream(container):
     return stream
 
 
-def _timeline(container, stream) -> tuple[int, tuple[int, ...] | None, tuple[int, ...] | None]:
-    """(frame count, sorted frame pts, sorted keyframe pts) from the demuxed packets."""
+def _timeline(container, stream) -> tuple[int, tuple[int, ...] | None, tuple[int, ...] | None, int]:
+    """(frame count, sorted frame pts, sorted keyframe pts, rotation) from the demuxed packets;
+    packets are decoded one by one, each on its own, until one gives a frame: its display
+    rotation is the stream's."""
     import av
 
-    pts, keys, count, usable = [], [], 0, True
+    pts, keys, count, usable, rotation = [], [], 0, True, None
     try:
         for packet in container.demux(stream):
             if packet.size == 0 or packet.is_discard:
@@ -143,6 +158,9 @@ def _timeline(container, stream) -> tuple[int, tuple[int, ...] | None, tuple[int
             count += 1
             if count > MAX_PROBE_FRAMES:
                 raise VideoDecodeError(f"more than {MAX_PROBE_FRAMES} frames")
+            if rotation is None:  # this packet alone, drained: one frame decoded, not the reorder delay's worth
+                rotation = _rotation([*packet.decode(), *stream.codec_context.decode(None)])
+                stream.codec_context.flush_buffers()
             if packet.pts is None:
                 usable = False
                 continue
@@ -152,12 +170,20 @@ def _timeline(container, stream) -> tuple[int, tuple[int, ...] | None, tuple[int
     except av.FFmpegError as exc:
         raise VideoDecodeError(f"corrupt or truncated container: {exc}") from exc
     if not usable or len(set(pts)) != len(pts):
-        return count, None, None
-    return count, tuple(sorted(pts)), tuple(sorted(keys))
+        return count, None, None, rotation or 0
+    return count, tuple(sorted(pts)), tuple(sorted(keys)), rotation or 0
+
+
+def _rotation(frames) -> int | None:
+    """The first frame's display rotation, counter-clockwise, to the nearest quarter turn in
+    [0, 360) (torchcodec rounds it so too); None without a frame."""
+    for frame in frames:
+        return round((frame.rotation or 0) / 90) % 4 * 90
+    return None
 
 
 def probe(data: bytes) -> VideoInfo:
-    """The video's :class:`VideoInfo`, without decoding a frame. The frame rate is the stream's
+    """The video's :class:`VideoInfo`, decoding no frame but the first (for its rotation). The frame rate is the stream's
     average rate (transformers' PyAV loader reads the same), the frame count the demuxed
     packets'. Fails on no video stream, no frame rate, no frames or a zero size."""
     from .header import as_bytes
@@ -172,12 +198,15 @@ def probe(data: bytes) -> VideoInfo:
             raise VideoDecodeError("the video stream has no frame rate")
         if not (ctx.width > 0 and ctx.height > 0):
             raise VideoDecodeError(f"the video stream has no frame size ({ctx.width}x{ctx.height})")
-        frames, frame_pts, key_pts = _timeline(container, stream)
+        _configure(stream, 1)
+        frames, frame_pts, key_pts, rotation = _timeline(container, stream)
         if frames == 0:
             raise VideoDecodeError("the video stream has no frames")
+        seconds = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
         return VideoInfo(container=sniff_container(data), codec=ctx.name, width=ctx.width, height=ctx.height,
                          frames=frames, fps=fps, duration=frames / fps, nbytes=len(data),
-                         frame_pts=frame_pts, key_pts=key_pts)
+                         frame_pts=frame_pts, key_pts=key_pts, header_frames=stream.frames or 0,
+                         header_seconds=seconds, rotation=rotation)
 
 
 class _Deadline:

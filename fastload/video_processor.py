@@ -12,9 +12,9 @@ Equal to transformers' ``Qwen2VLVideoProcessor`` (and ``Qwen2_5_VLProcessor``'s
 - **Patches**: frames ``2g`` and ``2g + 1`` form temporal patch ``g`` (an odd count repeats the
   last frame, as transformers pads); ``second_per_grid_ts = temporal_patch_size / sampled_fps``.
 
-Everything but the pixels comes from :func:`fastload.video.probe` (packets, no decoding): the
-grid, the token count, and the output's byte size, which is checked against
-:data:`MAX_VIDEO_BYTES` before a frame is decoded. The frames are decoded by
+Everything but the pixels comes from :func:`fastload.video.probe` (packets, one decoded for
+the display rotation): the grid, the token count, and the output's byte size, which is checked
+against :data:`MAX_VIDEO_BYTES` before the sampled frames are decoded. The frames are decoded by
 :func:`fastload.video.decode_frames`, each resized to the target right away (only small uint8
 frames are held), and the fused kernel writes the patches once, straight into the batch's
 shared memory in a fastload worker (see :class:`PendingVideoPatches`).
@@ -25,6 +25,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, fields, replace
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -32,7 +33,13 @@ import torch
 from .header import MAX_IMAGE_PIXELS, _env_bytes, as_bytes
 from .tokenizer import resolve_processor
 from .video import VideoDecodeError, VideoInfo, decode_frames, probe, rgb24
-from .vision import Qwen2VLImageProcessor, VisionConfig, fresh_array, resize_rgb, smart_resize
+from .vision import (
+    Qwen2VLImageProcessor,
+    VisionConfig,
+    fresh_array,
+    resize_rgb,
+    smart_resize,
+)
 
 #: Refuse a video whose ``pixel_values_videos`` plus resized frames would take more bytes than
 #: this, before decoding it (``FASTLOAD_MAX_VIDEO_BYTES`` in the environment: bytes, ``0`` for
@@ -42,11 +49,28 @@ MAX_VIDEO_BYTES = _env_bytes("FASTLOAD_MAX_VIDEO_BYTES", 2 << 30)
 _CONFIG_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
 
 
+class FrameSampler(Protocol):
+    """Another library's frame sampling and frame pre-resize, replacing transformers' (the
+    LLaMA-Factory preset's :class:`~fastload.llamafactory.LlamaFactoryVideos`)."""
+
+    def indices(self, info: VideoInfo) -> np.ndarray:
+        """The frames to sample, from the container's metadata."""
+
+    def sampled_fps(self, info: VideoInfo, count: int) -> float:
+        """The frame rate ``second_per_grid_ts`` is computed from, for ``count`` sampled frames."""
+
+    def steps(self, width: int, height: int) -> list[tuple[int, int]]:
+        """The (width, height) resizes each frame takes before ``smart_resize``'s."""
+
+
 @dataclass(frozen=True)
 class VideoConfig:
     """The video processor's settings: ``vision`` holds the patch layout, normalization and the
     per-frame pixel budget (``min_pixels``/``max_pixels``: transformers' ``size``); the rest is
-    frame sampling. ``fps=None`` with ``num_frames=None`` keeps every frame."""
+    frame sampling. ``fps=None`` with ``num_frames=None`` keeps every frame. Frames are shown
+    upright as their display rotation says (transformers' default loader, torchcodec >= 0.11,
+    does so; its PyAV loader does not). A ``sampler`` replaces transformers' sampling (and may
+    pre-resize the frames); the libraries samplers follow apply no rotation, so none is applied."""
 
     vision: VisionConfig = field(  # transformers' class defaults, for a folder without a config
         default_factory=lambda: VisionConfig(min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28))
@@ -56,6 +80,7 @@ class VideoConfig:
     max_frames: int = 768
     cap_pixels_per_frame: bool = False
     max_video_tokens: int = 128000
+    sampler: FrameSampler | None = None
 
     @classmethod
     def from_dict(cls, cfg: dict, **overrides) -> VideoConfig:
@@ -122,12 +147,18 @@ class VideoConfig:
 
     def plan(self, info: VideoInfo) -> VideoPlan:
         """What the video becomes, from its metadata alone."""
-        indices = self.frame_indices(info.frames, info.fps)
-        target = self.frame_size(info.height, info.width, len(indices))
+        if self.sampler is None:
+            indices, steps, turns = self.frame_indices(info.frames, info.fps), [], info.rotation // 90
+            sampled_fps = len(indices) / info.frames * info.fps  # VideoMetadata.sampled_fps
+            width, height = info.display_size
+        else:  # the samplers follow libraries that show the stored frames, unrotated
+            indices, steps, turns = self.sampler.indices(info), self.sampler.steps(info.width, info.height), 0
+            sampled_fps = self.sampler.sampled_fps(info, len(indices))
+            width, height = steps[-1] if steps else (info.width, info.height)
+        target = self.frame_size(height, width, len(indices))
         tps, patch = self.temporal_patch_size, self.vision.patch_size
         grid = (-(-len(indices) // tps), target[0] // patch, target[1] // patch)
-        sampled_fps = len(indices) / info.frames * info.fps  # VideoMetadata.sampled_fps
-        return VideoPlan(tuple(int(i) for i in indices), target, grid, tps / sampled_fps)
+        return VideoPlan(tuple(int(i) for i in indices), target, grid, tps / sampled_fps, tuple(steps), turns)
 
 
 def _nested_video_config(folder: str) -> dict | None:
@@ -140,13 +171,17 @@ def _nested_video_config(folder: str) -> dict | None:
 
 @dataclass(frozen=True)
 class VideoPlan:
-    """A video's sampled frame indices, resize target (h, w), grid (t, h, w) and seconds per
-    temporal patch (``second_per_grid_ts``)."""
+    """A video's sampled frame indices, resize target (h, w), grid (t, h, w), seconds per
+    temporal patch (``second_per_grid_ts``), the (width, height) resizes a frame takes
+    before the one to ``target`` (a sampler's pre-resize), and the counter-clockwise quarter
+    turns that show a decoded frame upright (its display rotation), made before any resize."""
 
     indices: tuple[int, ...]
     target: tuple[int, int]
     grid: tuple[int, int, int]
     second_per_grid_t: float
+    steps: tuple[tuple[int, int], ...] = ()
+    quarter_turns: int = 0
 
     @property
     def patches(self) -> int:
@@ -223,6 +258,10 @@ class Qwen2VLVideoProcessor:
             if rgb.shape[:2] != (info.height, info.width):
                 raise VideoDecodeError(f"a frame of {rgb.shape[1]}x{rgb.shape[0]} in a video of "
                                        f"{info.width}x{info.height} (the size changes mid-stream)")
+            if plan.quarter_turns:
+                rgb = np.rot90(rgb, plan.quarter_turns)
+            for width, height in plan.steps:
+                rgb = resize_rgb(rgb, width, height, self.exact)
             return resize_rgb(rgb, tw, th, self.exact)
 
         frames = decode_frames(data, info, plan.indices, resized, threads=self.threads, timeout=self.timeout)

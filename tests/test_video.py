@@ -12,6 +12,7 @@ from __future__ import annotations
 import fractions
 import io
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -23,10 +24,17 @@ av = pytest.importorskip("av")
 
 import fastload
 from fastload.baseline_video import reference_video_processor
-from fastload.video import VideoDecodeError, decode_frames, probe, rgb24, sniff_container
+from fastload.video import (
+    VideoDecodeError,
+    decode_frames,
+    probe,
+    rgb24,
+    sniff_container,
+)
 from fastload.video_processor import Qwen2VLVideoProcessor, VideoConfig
 
-from .conftest import jpeg_bytes, photo_like, pillow_rgb
+from .conftest import MLLM_DEMO, jpeg_bytes, need_shared, photo_like, pillow_rgb
+from .test_llamafactory import unrle
 from .test_packing import model  # noqa: F401  (the tiny random Qwen2.5-VL, a fixture)
 
 MAX_PIXELS = 200_704  # images, as in test_text
@@ -354,12 +362,6 @@ def test_mllm_video_demo_shards(mllm_demo, tmp_path):
         assert tar.extractfile("000000000.0.mp4").read() == (mllm_demo / "mllm_demo_data" / "1.mp4").read_bytes()
 
 
-def test_rope_index_refuses_videos(videos, processor_dir):
-    out = fastload.Qwen2VLTransform(processor_dir)(video_sample(ASK, [videos["h264.mp4"]]))
-    with pytest.raises(ValueError, match="video tokens"):
-        fastload.rope_index(out["input_ids"])
-
-
 def test_a_batch_with_videos_trains_a_tiny_qwen2_5_vl(model, videos, processor_dir):
     """Qwen2.5-VL's architecture at toy size (test_packing's): a collated batch mixing videos and an
     image passes forward and backward, the vision tower receiving gradients through the video patches."""
@@ -373,3 +375,121 @@ def test_a_batch_with_videos_trains_a_tiny_qwen2_5_vl(model, videos, processor_d
     loss.backward()
     assert torch.isfinite(loss)
     assert model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_packed_samples_with_videos_give_their_own_logits(model, videos, processor_dir):
+    """Videos, an image and text packed into one row: each sample's logits in the row equal its
+    logits alone (where the model computes its own M-RoPE positions), and the losses add up."""
+    from .test_mrope_video import token_types
+    from .test_packing import max_diff_per_sample, packed
+
+    transform = fastload.Qwen2VLTransform(processor_dir, max_pixels=28 * 28 * 16, video={"max_pixels": 28 * 28 * 8})
+    two = [{"role": "user", "content": "<image>and<video>?"}, {"role": "assistant", "content": "Both move."}]
+    text = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello there."}]
+    examples = [transform(video_sample(ASK, [videos["hevc.mkv"]])), transform(video_sample(text, [])),
+                transform(video_sample(two, [videos["vfr.mp4"]], [jpeg_bytes(photo_like(60, 80))]))]
+    collate = fastload.Qwen2VLPackingCollator(tokens_per_second=model.config.vision_config.tokens_per_second)
+    batch = collate(examples)
+    assert batch["input_ids"].shape[0] == 1 and "pixel_values_videos" in batch
+    model.eval()
+    solo = [model(**{k: v[None] if k in ("input_ids", "labels") else v for k, v in e.items()
+                     if k != "attention_mask"}, mm_token_type_ids=token_types(e["input_ids"][None]),
+                  num_items_in_batch=1) for e in examples]
+    out = packed(model, batch)
+    assert max(max_diff_per_sample(examples, solo, batch, out.logits)) <= 1e-4
+    assert out.loss.item() == pytest.approx(sum(s.loss.item() for s in solo), rel=1e-5)
+
+
+# -- the LLaMA-Factory preset ------------------------------------------------------------------------
+LF_GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
+LF_SETTINGS = {"default": {}, "fps1_maxlen4": {"video_fps": 1.0, "video_maxlen": 4},
+               "pixels_16k_4k": {"video_max_pixels": 128 * 128, "video_min_pixels": 64 * 64}, "fps5": {"video_fps": 5.0}}
+LF_VIDEOS = ["odd.mp4", "ntsc.avi", "tiny.mp4", "wide.mp4", "rotated.mp4", "demo1.mp4", "demo2.avi", "demo3.mp4"]
+
+
+@pytest.fixture(scope="module")
+def lf_golden() -> dict:
+    return json.loads((LF_GOLDEN_DIR / "llamafactory_video_golden.json").read_text())["settings"]
+
+
+@pytest.mark.parametrize("setting", list(LF_SETTINGS))
+@pytest.mark.parametrize("name", LF_VIDEOS)
+def test_llamafactory_preset_samples_videos_as_llamafactory(setting, name, lf_golden, processor_dir):
+    """``from_llamafactory`` against LLaMA-Factory 0.9.5 itself on one-video conversations
+    (recorded by ``benchmarks/parity_llamafactory_video.py``): its sampling by ``video_fps`` over
+    the header's duration, ``video_maxlen``, the ``video_max_pixels``/``video_min_pixels``
+    pre-resize and 28-pixel fixes, odd counts padded, no display rotation; input_ids, trained positions, grids and
+    second_per_grid_ts identical, pixels within LLaMA-Factory's torchvision backend noise."""
+    expected = lf_golden[setting][LF_VIDEOS.index(name)]
+    path = (need_shared(MLLM_DEMO) / "mllm_demo_data" / name[4:] if name.startswith("demo")
+            else LF_GOLDEN_DIR / "llamafactory_videos" / name)
+    transform = fastload.Qwen2VLTransform.from_llamafactory(
+        {"model_name_or_path": processor_dir, "template": "qwen2_vl", **LF_SETTINGS[setting]})
+    messages = [{"role": "user", "content": "<video>What happens in this video?"},
+                {"role": "assistant", "content": "Things move."}]
+    sample = video_sample(messages, [path.read_bytes()])
+    out = transform(sample)
+    ids = unrle(expected["input_ids"])
+    assert out["input_ids"].tolist() == ids
+    assert [int(label != -100) for label in out["labels"].tolist()] == unrle(expected["trained"])
+    assert out["video_grid_thw"].tolist() == expected["video_grid_thw"]
+    assert out["second_per_grid_ts"].tolist() == pytest.approx(expected["second_per_grid_ts"], rel=1e-6)
+    assert transform.num_tokens(sample) == len(ids)
+    assert list(out["pixel_values_videos"].shape) == expected["shape"]
+    pixels = out["pixel_values_videos"].reshape(-1)
+    picks = [j * (pixels.numel() - 1) // 63 for j in range(64)]
+    assert max(abs(float(pixels[i]) - v) for i, v in zip(picks, expected["pixels"])) <= 0.3
+
+
+def test_llamafactory_preset_refuses_a_video_without_header_counts(videos, processor_dir):
+    """A WebM carries no frame count in its header: LLaMA-Factory would sample ``video_maxlen``
+    frames of it whatever its length; the preset says why it cannot follow."""
+    assert av.open(io.BytesIO(videos["vp9.webm"])).streams.video[0].frames == 0
+    transform = fastload.Qwen2VLTransform.from_llamafactory({"model_name_or_path": processor_dir,
+                                                              "template": "qwen2_vl"})
+    with pytest.raises(VideoDecodeError, match="header"):
+        transform(video_sample(ASK, [videos["vp9.webm"]]))
+
+
+# -- rotation metadata -------------------------------------------------------------------------------
+def rotated_video(degrees: int) -> bytes:
+    """An H.264 MP4 whose display matrix turns its 96x64 frames ``degrees`` counter-clockwise
+    (PyAV's ``set_display_rotation``: what phones write for portrait video)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=10, options=X264)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.set_display_rotation(degrees)
+        base = np.random.default_rng(2).integers(0, 255, (9, 13, 3), dtype=np.uint8)
+        for i in range(14):
+            img = np.kron(np.roll(base, i, axis=1), np.ones((8, 8, 1), np.uint8))[:64, :96].copy()
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("degrees", [90, 180, -90])
+def test_rotated_videos_are_shown_upright(degrees, processor_dir, reference):
+    """The display matrix is applied, as transformers' default loader (torchcodec >= 0.11) does:
+    transformers' processor fed the stored frames (its PyAV loader's, which ignores rotation)
+    turned counter-clockwise by the matrix's angle gives the same tokens, grid and pixels; the
+    token count from metadata follows the turned size."""
+    from transformers.video_utils import VideoMetadata
+
+    data = rotated_video(degrees)
+    stored, fps = all_frames(data)
+    assert stored.shape[1:3] == (64, 96)  # PyAV (and transformers' PyAV loader) hand out the stored frames
+    assert probe(data).rotation == degrees % 360
+    upright = np.rot90(stored, degrees // 90 % 4, axes=(1, 2))
+    text = reference.apply_chat_template([{"role": m["role"], "content": content_list(m["content"])} for m in ASK],
+                                         tokenize=False)
+    ref = reference(text=[text], videos=[upright], return_tensors="pt", do_sample_frames=True, fps=2.0,
+                    video_metadata=[VideoMetadata(total_num_frames=len(upright), fps=fps)])
+    transform = fastload.Qwen2VLTransform(processor_dir, max_pixels=MAX_PIXELS, exact=True)
+    sample = video_sample(ASK, [data])
+    out = transform(sample)
+    assert_matches(out, ref, reference)
+    assert transform.num_tokens(sample) == len(out["input_ids"])
