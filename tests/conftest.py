@@ -48,14 +48,14 @@ def shared_images(*folders: str) -> list[pathlib.Path]:
 
 
 def pillow_rgb(data: bytes) -> np.ndarray:
-    """The reference decode: Pillow, EXIF transpose, transformers' RGB conversion."""
+    """The reference decode: Pillow, EXIF transpose, transformers' own RGB conversion (alpha
+    composited onto white), none of it fastload's."""
     from PIL import Image, ImageOps
-
-    from fastload.decode import pil_to_rgb
+    from transformers.image_transforms import convert_to_rgb
 
     im = Image.open(io.BytesIO(data))
     im.load()
-    return pil_to_rgb(ImageOps.exif_transpose(im))
+    return convert_to_rgb(ImageOps.exif_transpose(im), return_numpy=True)
 
 
 def jpeg_bytes(array: np.ndarray, quality: int = 90, **kw) -> bytes:
