@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 import os
 import pathlib
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -75,3 +77,13 @@ def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
     img = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC)).copy()
     img[height // 3: height // 3 + 2] = 255
     return img
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 100-byte PNG whose header claims ``width`` x ``height`` over 64 zero bytes of data: a
+    decompression bomb's header, which nothing can decode (a decode attempt fails as truncated)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b""))

@@ -16,7 +16,7 @@ import fastload
 from fastload import _kernels
 from fastload.decode import DecompressionBombError, ImageDecodeError, decode
 
-from .conftest import IMAGES, jpeg_bytes, photo_like, pillow_rgb, shared_images
+from .conftest import IMAGES, jpeg_bytes, photo_like, pillow_rgb, png_claiming, shared_images
 
 MAX_PIXELS = (12845056, 1003520)
 ALL_IMAGES = ("photos", "pillow", "pillow_nonjpeg", "libjpeg-turbo")
@@ -423,10 +423,11 @@ def test_bomb_limit_is_configurable_and_checked_before_decoding():
     big = jpeg_bytes(photo_like(400, 400))
     with pytest.raises(DecompressionBombError):
         fastload.Qwen2VLImageProcessor(max_image_pixels=100_000)(big)
-    png = io.BytesIO()
-    Image.new("RGB", (20000, 20000)).save(png, format="PNG", compress_level=1)
-    with pytest.raises(DecompressionBombError):
-        fastload.Qwen2VLImageProcessor()(png.getvalue())
+    bomb = png_claiming(20000, 20000)  # its pixels are not there: decoding it would fail otherwise
+    with pytest.raises(DecompressionBombError, match="over the limit"):
+        fastload.Qwen2VLImageProcessor()(bomb)
+    with pytest.raises(DecompressionBombError, match="per-image budget"):
+        fastload.Qwen2VLImageProcessor()(png_claiming(9000, 9900))  # under the pixel limit
 
 
 def test_exif_orientation_matches_pillow():
