@@ -92,7 +92,8 @@ def test_bad_records_skip_or_fail(tmp_path, capsys, kind):
     assert "skipped 1" in err and "record 3" in err and "data.json" in err and BAD_RECORDS[kind] in err
     manifest = json.loads((tmp_path / "out" / "s.manifest.json").read_text())
     assert manifest["skipped"] == 1 and "record 3" in manifest["errors"][0]
-    assert run_cli(src, tmp_path / "out2" / "s", "--on-error", "fail") != 0
+    code = run_cli(src, tmp_path / "out2" / "s", "--on-error", "fail")  # exit status 1, with the message
+    assert isinstance(code, str) and code.startswith(f"fastload-shard: {src} record 3: ") and BAD_RECORDS[kind] in code
 
 
 def test_jsonl_with_malformed_line_and_alpaca(tmp_path, capsys):
@@ -218,9 +219,11 @@ def test_interrupted_writer_leaves_no_whole_looking_shard(tmp_path):
     assert len(list(ShardDataset(str(tmp_path / "s-{000000..000001}.tar")))) == 4
 
 
-def test_missing_input_and_unknown_dataset(tmp_path, mllm_demo):
-    assert run_cli(tmp_path / "nope.json", tmp_path / "o") != 0
-    assert run_cli("--dataset-info", mllm_demo / "dataset_info.json", "--dataset", "nope", tmp_path / "o") != 0
+def test_missing_input_and_unknown_dataset(tmp_path, mllm_demo, capsys):
+    missing = str(tmp_path / "nope.json")
+    assert run_cli(missing, tmp_path / "o") == f"fastload-shard: input {missing!r} does not exist"
+    assert run_cli("--dataset-info", mllm_demo / "dataset_info.json", "--dataset", "nope", tmp_path / "o") == 1
+    assert "no dataset named 'nope'" in capsys.readouterr().err
 
 
 def test_console_script_runs(tmp_path):
