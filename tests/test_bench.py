@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import warnings
 
 import psutil
@@ -139,16 +140,25 @@ def test_ctrl_c_reports_what_was_measured(tiny_shards, processor_dir, monkeypatc
 
 
 def test_cpu_is_the_loader_process_tree_not_the_machine():
-    """A child's CPU time counts (also once it has ended); a busy process outside the tree
-    does not, as the machine-wide CPU did."""
-    burn = "import time\nt, w = time.process_time(), time.time()\nwhile time.process_time() - t < {} and time.time() - w < 20: pass"
+    """A child's CPU time counts, while it runs (as workers do) and once it has ended; a busy
+    process outside the tree does not, as the machine-wide CPU did."""
+    burn = ("import time\nt, w = time.process_time(), time.time()\n"
+            "while time.process_time() - t < {} and time.time() - w < 20: pass\n")
     me = psutil.Process()
     before = bench.tree_cpu_seconds(me)
     # outside: started by a shell that exits at once, so the burner belongs to init, not to us
-    subprocess.run(["sh", "-c", f"{sys.executable} -c '{burn.format(2.0)}' >/dev/null 2>&1 &"], check=True)
-    subprocess.run([sys.executable, "-c", burn.format(0.5)], check=True)  # a child: 0.5 s of CPU
-    spent = bench.tree_cpu_seconds(me) - before
-    assert 0.5 <= spent < 1.2, spent
+    subprocess.run(["sh", "-c", f"{sys.executable} -c '{burn.format(3.0)}' >/dev/null 2>&1 &"], check=True)
+    child = subprocess.Popen([sys.executable, "-c", burn.format(0.5) + "time.sleep(60)"])
+    try:
+        deadline = time.time() + 20
+        while sum(psutil.Process(child.pid).cpu_times()[:2]) < 0.5 and time.time() < deadline:
+            time.sleep(0.05)
+        running = bench.tree_cpu_seconds(me) - before
+    finally:
+        child.kill()
+        child.wait()
+    ended = bench.tree_cpu_seconds(me) - before
+    assert 0.5 <= running < 1.5 and running <= ended < 1.5, (running, ended)
 
 
 class ThreadsSeen:
