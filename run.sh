@@ -13,8 +13,12 @@ STAMP="$VENV/.fastload-install"
 # What the install is made from: its metadata, the C++ kernel's sources, the extras asked for.
 # The package itself is installed editable, so its Python files need no reinstall.
 install_inputs() {
+  local files=(pyproject.toml csrc)
+  for f in setup.py setup.cfg; do
+    if [ -e "$f" ]; then files+=("$f"); fi
+  done
   { echo "extras=$EXTRAS"
-    find setup.py setup.cfg pyproject.toml csrc -type f 2>/dev/null | LC_ALL=C sort | xargs sha256sum
+    find "${files[@]}" -type f | LC_ALL=C sort | xargs sha256sum
   } | sha256sum | cut -d' ' -f1
 }
 
