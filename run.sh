@@ -22,19 +22,24 @@ install_inputs() {
   } | sha256sum | cut -d' ' -f1
 }
 
+# Found without importing it (importing torch alone takes seconds).
+has_module() {
+  "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)"
+}
+
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
   fi
-  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  if ! has_module torch; then
     "$VENV/bin/pip" install -q "$TORCH_PIN"
   fi
   local wanted
   wanted=$(install_inputs)
-  # Reinstalling costs ~15 s: only when an input changed, or the kernel does not import (a
-  # build that failed or was deleted).
-  if [ "$(cat "$STAMP" 2>/dev/null)" != "$wanted" ] || ! "$VENV/bin/python" -c "import fastload._kernels" 2>/dev/null; then
+  # Reinstalling costs ~15 s: only when an input changed, or the kernel the editable install
+  # builds into fastload/ is gone.
+  if [ "$(cat "$STAMP" 2>/dev/null)" != "$wanted" ] || ! compgen -G "fastload/_kernels*.so" >/dev/null; then
     rm -f "$STAMP"
     "$VENV/bin/pip" install -q -e ".[$EXTRAS]"
     echo "$wanted" > "$STAMP"
