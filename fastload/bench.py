@@ -253,10 +253,13 @@ def recommend(measurements: list[Measurement], memory_mb: float | None = None,
     best = max(fits, key=lambda m: m.samples_per_s)
     choice = min((m for m in fits if as_good(m, best, tolerance)), key=lambda m: m.workers)
     noise = choice.noise + best.noise
-    reason = (f"{choice.workers} workers give {choice.samples_per_s:.1f} samples/s, within {tolerance:.0%} "
-              f"of the best ({best.samples_per_s:.1f} at {best.workers} workers)"
-              + (f" or of the run-to-run noise (±{noise:.1f})" if noise > tolerance * best.samples_per_s else "")
-              + f", using {choice.memory_mb:.0f} MB of the {budget:.0f} MB budget")
+    if choice is best:
+        reason = f"{choice.workers} workers give the most samples/s ({best.samples_per_s:.1f} ± {best.noise:.1f})"
+    else:
+        reason = (f"{choice.workers} workers give {choice.samples_per_s:.1f} samples/s, within {tolerance:.0%} "
+                  f"of the best ({best.samples_per_s:.1f} at {best.workers} workers)"
+                  + (f" or of the run-to-run noise (±{noise:.1f})" if noise > tolerance * best.samples_per_s else ""))
+    reason += f", using {choice.memory_mb:.0f} MB of the {budget:.0f} MB budget"
     skipped = [m.workers for m in ok if m not in fits]
     if skipped:
         reason += f"; {skipped} workers would not fit in memory"
