@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import os
 import pathlib
 import struct
 import zlib
@@ -10,11 +9,9 @@ import zlib
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED = pathlib.Path(os.environ.get("FASTLOAD_SHARED", ROOT.parent / "shared"))
-PROCESSOR_DIR = SHARED / "qwen2_5_vl"
-MLLM_DEMO = SHARED / "data" / "mllm_demo"
-IMAGES = SHARED / "images"
+from benchmarks.common import IMAGES, MLLM_DEMO, ROOT, SHARED
+from benchmarks.common import PROCESSOR as PROCESSOR_DIR
+
 NOT_IMAGES = {".md", ".json", ".txt", ""}
 
 

@@ -1,7 +1,6 @@
 """The image pipeline against transformers' Qwen2VLImageProcessor (PIL backend, and torchvision's where installed)."""
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
