@@ -253,8 +253,8 @@ def test_exact_is_transformers_pil_backend_bit_for_bit(processor_dir, images, ma
     ref = reference(processor_dir, max_pixels)
     ours = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, max_pixels=max_pixels, exact=True)
     for path, data, _ in images:
-        assert_same(ours(Image.open(path), return_tensors="np"), ref(Image.open(path), return_tensors="np"),
-                    (path.name, "opened"))
+        with Image.open(path) as mine, Image.open(path) as theirs:
+            assert_same(ours(mine, return_tensors="np"), ref(theirs, return_tensors="np"), (path.name, "opened"))
         with Image.open(path) as im:
             expected = (ref(ImageOps.exif_transpose(im), return_tensors="np") if has_alpha(im)
                         else ref(str(path), return_tensors="np"))
