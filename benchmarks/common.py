@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmarks: where ../shared is, timing, table printing."""
+"""Shared helpers for the benchmarks: where ../shared is (the one definition: the tests read
+it from here too), timing, table printing."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("FASTLOAD_SHARED", ROOT.parent / "shared"))
 PROCESSOR = SHARED / "qwen2_5_vl"
 MLLM_DEMO = SHARED / "data" / "mllm_demo"
-PHOTOS = SHARED / "images" / "photos"
+IMAGES = SHARED / "images"
+PHOTOS = IMAGES / "photos"
 
 
 def need_shared() -> None:
@@ -60,6 +62,6 @@ def shard_photo_records(root: pathlib.Path, samples: int, prefix: pathlib.Path, 
              "images": [images[i % len(images)]]} for i in range(samples)]
     (root / "records.json").write_text(json.dumps(rows))
     try:
-        shard_main([str(root / "records.json"), str(prefix), *flags, "--quiet", "--image-root", "/"])
+        shard_main([str(root / "records.json"), str(prefix), *flags, "--quiet"])  # absolute image paths
     except SystemExit as exc:
         assert not exc.code

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import shutil
 import sys
@@ -22,13 +21,12 @@ from PIL import Image
 import fastload
 from fastload.cli.shard import main as shard_main
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED = pathlib.Path(os.environ.get("FASTLOAD_SHARED", ROOT.parent / "shared"))
+from common import MLLM_DEMO, PROCESSOR, ROOT
 
 
 def replicate_mllm_demo(out: pathlib.Path, samples: int) -> pathlib.Path:
     """mllm_demo's records repeated to ``samples`` (images stay where they are: --image-root)."""
-    src = SHARED / "data" / "mllm_demo"
+    src = MLLM_DEMO
     records = json.loads((src / "mllm_demo.json").read_text())
     rows = []
     for i in range(samples):
@@ -96,7 +94,7 @@ def main(argv=None) -> None:
     out = pathlib.Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    have_shared = (SHARED / "qwen2_5_vl").is_dir() and (SHARED / "data" / "mllm_demo").is_dir()
+    have_shared = PROCESSOR.is_dir() and MLLM_DEMO.is_dir()
     if have_shared:
         source = replicate_mllm_demo(out, args.samples)
         print(f"data: ../shared/data/mllm_demo replicated to {args.samples} records")
@@ -104,12 +102,12 @@ def main(argv=None) -> None:
         source = synthetic_dataset(out, args.samples)
         print(f"data: {args.samples} generated records (../shared is absent: image pipeline only)")
     t = time.perf_counter()
-    image_root = str(SHARED / "data" / "mllm_demo") if have_shared else None
+    image_root = str(MLLM_DEMO) if have_shared else None
     urls = shard(source, out / "shards" / "train", args.workers, image_root)
     print(f"fastload-shard: {args.samples} samples -> {urls} in {time.perf_counter() - t:.1f}s")
 
     if have_shared:
-        transform = fastload.Qwen2VLTransform(SHARED / "qwen2_5_vl", max_pixels=args.max_pixels).load()
+        transform = fastload.Qwen2VLTransform(PROCESSOR, max_pixels=args.max_pixels).load()
         collate = fastload.Qwen2VLCollator()
     else:
         transform, collate = ImagesOnly(args.max_pixels), collate_images

@@ -24,9 +24,10 @@ import sys
 import tempfile
 import time
 
+from common import SHARED
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("FASTLOAD_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
-PROCESSOR = os.path.join(SHARED, "qwen2_5_vl")
+PROCESSOR = str(SHARED / "qwen2_5_vl")
 LF_VENV = os.path.join(ROOT, ".venv-lf")
 LF_REQUIREMENT = "llamafactory==0.9.5"
 GOLDEN = os.path.join(ROOT, "tests", "golden")

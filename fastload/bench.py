@@ -1,12 +1,15 @@
 """Measuring a loader at several worker counts, and recommending one.
 
 ``sweep()`` runs the real pipeline (ShardDataset + Qwen2VLTransform + Qwen2VLCollator in
-fastload.DataLoader) for a fixed time per setting and records throughput, CPU and memory;
-``recommend()`` picks the smallest worker count within 5% of the best throughput whose
-memory fits the machine with headroom.
+fastload.DataLoader) for a fixed time per setting, in several rounds, and records throughput,
+the CPU time of the loader's own processes (the trainer and its workers: other processes on
+the machine do not count) and memory; ``recommend()`` picks the smallest worker count as good
+as the best (within 5%, or within the rounds' spread where that is wider) whose memory fits
+the machine with headroom, so that a difference the noise explains never decides.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
@@ -18,7 +21,8 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-TOLERANCE = 0.05  # "as good as the best" means within 5%
+TOLERANCE = 0.05  # "as good as the best" means within 5%, or within the measured noise
+ROUNDS = 3  # measured windows per setting: their spread is the run-to-run noise
 MEMORY_HEADROOM = 0.8  # use at most this share of the machine's memory
 
 
@@ -33,13 +37,20 @@ class Measurement:
     time_to_first_batch_s: float = 0.0
     seconds: float = 0.0
     samples: int = 0
-    cpu_percent_per_core: list = field(default_factory=list)
+    round_samples_per_s: list = field(default_factory=list)
+    cpu_percent: float = 0.0  # the loader's processes: 100 = one core busy throughout
     cpu_seconds_per_sample: float = 0.0
     main_rss_peak_mb: float = 0.0
     worker_rss_peak_mb: list = field(default_factory=list)
     shm_peak_mb: float = 0.0
     label: str = "fastload"
     error: str | None = None
+
+    @property
+    def noise(self) -> float:
+        """Half the spread of the rounds' throughputs (samples/s): how far one run may be off."""
+        rounds = self.round_samples_per_s
+        return (max(rounds) - min(rounds)) / 2 if len(rounds) > 1 else 0.0
 
     @property
     def memory_mb(self) -> float:
@@ -71,7 +82,6 @@ class _Sampler(threading.Thread):
         self.loader, self.period = loader, period
         self.stop = threading.Event()
         self.main_peak, self.worker_peak, self.shm_peak = 0, {}, 0
-        self.worker_cpu: dict[int, float] = {}
 
     def run(self) -> None:
         main = psutil.Process()
@@ -82,10 +92,8 @@ class _Sampler(threading.Thread):
         self.main_peak = max(self.main_peak, main.memory_info().rss)
         for pid in worker_pids(self.loader):
             try:
-                proc = psutil.Process(pid)
-                self.worker_peak[pid] = max(self.worker_peak.get(pid, 0), proc.memory_info().rss)
-                cpu = proc.cpu_times()
-                self.worker_cpu[pid] = cpu.user + cpu.system
+                rss = psutil.Process(pid).memory_info().rss
+                self.worker_peak[pid] = max(self.worker_peak.get(pid, 0), rss)
             except psutil.Error:
                 pass
         self.shm_peak = max(self.shm_peak, shm_in_use(self.loader))
@@ -113,50 +121,80 @@ def shm_in_use(loader) -> int:
     return mapped + named
 
 
-def measure(make_loader: Callable[[], Iterable], workers: int, seconds: float, warmup_batches: int = 2,
-            label: str = "fastload") -> Measurement:
-    """Iterates the loader (re-iterating epochs as needed) for ``seconds`` after warm-up."""
-    m = Measurement(workers=workers, label=label)
-    loader = make_loader()
-    sampler = _Sampler(loader)
-    me = psutil.Process()
-    psutil.cpu_percent(percpu=True)
-    start = time.perf_counter()
-    it = iter(loader)
-    sampler.start()
+def tree_cpu_seconds(root: psutil.Process) -> float:
+    """User + system CPU seconds of ``root`` and every process under it, from the kernel's own
+    counts: live processes' from /proc, ended ones' from their waited-for totals (which the
+    kernel adds to the parent's ``children_*``). Other processes on the machine do not count."""
+    total = 0.0
+    for proc in (root, *root.children(recursive=True)):
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:  # ended since it was listed: counted once its parent waits for it
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+class _Window:
+    """One measured window: samples, images and tokens, wall and CPU seconds (loader's tree)."""
+
+    def __init__(self, me: psutil.Process):
+        self.me, self.start, self.cpu_start = me, time.perf_counter(), tree_cpu_seconds(me)
+        self.samples = self.images = self.tokens = 0
+        self.seconds = self.cpu = 0.0
+
+    def add(self, batch) -> None:
+        s, i, t = batch_counts(batch)
+        self.samples, self.images, self.tokens = self.samples + s, self.images + i, self.tokens + t
+
+    def finish(self) -> None:
+        self.seconds = time.perf_counter() - self.start
+        self.cpu = tree_cpu_seconds(self.me) - self.cpu_start
+
+
+@contextlib.contextmanager
+def _threads_as_in_a_worker(workers: int):
+    """With 0 workers the pipeline runs in the main process, where torch would use every core;
+    torch's worker loop sets one thread, so the 0-worker row runs with one as well."""
+    if workers:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        seen = 0
-        t0 = cpu0 = None
-        samples = images = tokens = 0
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                it = iter(loader)
-                continue
-            if seen == 0:
-                m.time_to_first_batch_s = time.perf_counter() - start
-            seen += 1
-            if seen == warmup_batches:
-                t0, cpu0 = time.perf_counter(), _cpu_seconds(me, sampler)
-                psutil.cpu_percent(percpu=True)
-                continue
-            if t0 is not None:
-                s, i, t = batch_counts(batch)
-                samples, images, tokens = samples + s, images + i, tokens + t
-                if time.perf_counter() - t0 >= seconds:
-                    break
-            del batch
-        elapsed = time.perf_counter() - t0
-        sampler.sample(me)
-        m.cpu_percent_per_core = psutil.cpu_percent(percpu=True)
-        m.cpu_seconds_per_sample = (_cpu_seconds(me, sampler) - cpu0) / max(samples, 1)
+        yield
     finally:
-        sampler.stop.set()
-        sampler.join()
-        del it
-    m.seconds, m.samples = elapsed, samples
-    m.samples_per_s, m.images_per_s, m.tokens_per_s = samples / elapsed, images / elapsed, tokens / elapsed
+        torch.set_num_threads(before)
+
+
+def measure(make_loader: Callable[[], Iterable], workers: int, seconds: float, warmup_batches: int = 2,
+            label: str = "fastload", rounds: int = ROUNDS) -> Measurement:
+    """Iterates the loader (re-iterating epochs as needed) for ``seconds`` after warm-up, in
+    ``rounds`` equal windows whose throughputs give the run-to-run noise."""
+    m = Measurement(workers=workers, label=label)
+    me = psutil.Process()
+    with _threads_as_in_a_worker(workers):
+        loader = make_loader()
+        sampler = _Sampler(loader)
+        start = time.perf_counter()
+        it = iter(loader)
+        sampler.start()
+        try:
+            m.time_to_first_batch_s, windows = _windows(it, loader, me, start, seconds, warmup_batches, rounds)
+            sampler.sample(me)
+        finally:
+            sampler.stop.set()
+            sampler.join()
+            del it
+    m.seconds = sum(w.seconds for w in windows)
+    m.samples = sum(w.samples for w in windows)
+    m.samples_per_s = m.samples / m.seconds
+    m.images_per_s = sum(w.images for w in windows) / m.seconds
+    m.tokens_per_s = sum(w.tokens for w in windows) / m.seconds
+    m.round_samples_per_s = [w.samples / w.seconds for w in windows]
+    cpu = sum(w.cpu for w in windows)
+    m.cpu_percent = 100 * cpu / m.seconds
+    m.cpu_seconds_per_sample = cpu / max(m.samples, 1)
     mb = 1 / (1 << 20)
     m.main_rss_peak_mb = sampler.main_peak * mb
     m.worker_rss_peak_mb = [v * mb for v in sampler.worker_peak.values()]
@@ -164,15 +202,44 @@ def measure(make_loader: Callable[[], Iterable], workers: int, seconds: float, w
     return m
 
 
-def _cpu_seconds(me, sampler: _Sampler) -> float:
-    sampler.sample(me)
-    cpu = me.cpu_times()
-    return cpu.user + cpu.system + sum(sampler.worker_cpu.values())
+def _windows(it, loader, me: psutil.Process, start: float, seconds: float, warmup_batches: int,
+             rounds: int) -> tuple[float, list[_Window]]:
+    """(time to the first batch, ``rounds`` back-to-back windows of ``seconds / rounds`` each
+    after ``warmup_batches``)."""
+    seen, first_batch_s, windows = 0, 0.0, []
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            continue
+        seen += 1
+        if seen == 1:
+            first_batch_s = time.perf_counter() - start
+        if seen < warmup_batches:
+            continue
+        if not windows:  # the warm-up's last batch: measuring starts now
+            windows.append(_Window(me))
+            continue
+        windows[-1].add(batch)
+        del batch
+        if time.perf_counter() - windows[-1].start >= seconds / rounds:
+            windows[-1].finish()
+            if len(windows) == rounds:
+                return first_batch_s, windows
+            windows.append(_Window(me))
+
+
+def as_good(m: Measurement, best: Measurement, tolerance: float = TOLERANCE) -> bool:
+    """``m`` cannot be told from ``best``: within ``tolerance`` of it, or within the two
+    settings' noise together where that is wider (then two runs could rank them either way)."""
+    margin = max(tolerance * best.samples_per_s, best.noise + m.noise)
+    return m.samples_per_s >= best.samples_per_s - margin
 
 
 def recommend(measurements: list[Measurement], memory_mb: float | None = None,
               headroom: float = MEMORY_HEADROOM, tolerance: float = TOLERANCE) -> Recommendation:
-    """Smallest worker count within ``tolerance`` of the best throughput whose memory fits."""
+    """Smallest worker count as good as the best throughput (:func:`as_good`) whose memory fits."""
     ok = [m for m in measurements if m.error is None and m.samples_per_s > 0]
     if not ok:
         return Recommendation(0, "no setting could be measured; num_workers=0 is the safe choice")
@@ -184,12 +251,15 @@ def recommend(measurements: list[Measurement], memory_mb: float | None = None,
         return Recommendation(small.workers, f"no setting fits {headroom:.0%} of {memory_mb:.0f} MB; "
                                              f"{small.workers} workers need the least ({small.memory_mb:.0f} MB)")
     best = max(fits, key=lambda m: m.samples_per_s)
-    good = sorted((m for m in fits if m.samples_per_s >= (1 - tolerance) * best.samples_per_s),
-                  key=lambda m: m.workers)
-    choice = good[0]
-    reason = (f"{choice.workers} workers give {choice.samples_per_s:.1f} samples/s, within {tolerance:.0%} "
-              f"of the best ({best.samples_per_s:.1f} at {best.workers} workers), using "
-              f"{choice.memory_mb:.0f} MB of the {budget:.0f} MB budget")
+    choice = min((m for m in fits if as_good(m, best, tolerance)), key=lambda m: m.workers)
+    noise = choice.noise + best.noise
+    if choice is best:
+        reason = f"{choice.workers} workers give the most samples/s ({best.samples_per_s:.1f} ± {best.noise:.1f})"
+    else:
+        reason = (f"{choice.workers} workers give {choice.samples_per_s:.1f} samples/s, within {tolerance:.0%} "
+                  f"of the best ({best.samples_per_s:.1f} at {best.workers} workers)"
+                  + (f" or of the run-to-run noise (±{noise:.1f})" if noise > tolerance * best.samples_per_s else ""))
+    reason += f", using {choice.memory_mb:.0f} MB of the {budget:.0f} MB budget"
     skipped = [m.workers for m in ok if m not in fits]
     if skipped:
         reason += f"; {skipped} workers would not fit in memory"
@@ -258,13 +328,13 @@ def torch_loader(shards, processor_dir, workers: int, batch_size: int, max_pixel
 
 def sweep(shards, processor_dir, workers: Iterable[int] | str = (0, 1, 2, 4), batch_size: int = 8,
           seconds: float = 20.0, max_pixels: int | None = None, compare_torch: bool = False,
-          on_measurement: Callable[[Measurement], None] | None = None) -> SweepResult:
+          on_measurement: Callable[[Measurement], None] | None = None, rounds: int = ROUNDS) -> SweepResult:
     """Measures the pipeline at each worker count (or ``"auto"``) and recommends one."""
     def measure_one(n: int, label: str = "fastload") -> Measurement:
         make = (lambda: fastload_loader(shards, processor_dir, n, batch_size, max_pixels)) if label == "fastload" \
             else (lambda: torch_loader(shards, processor_dir, n, batch_size, max_pixels))
         try:
-            m = measure(make, n, seconds, label=label)
+            m = measure(make, n, seconds, label=label, rounds=rounds)
         except (OSError, RuntimeError) as exc:
             first_line = (str(exc).splitlines() or [""])[0]
             m = Measurement(workers=n, label=label, error=f"{type(exc).__name__}: {first_line}")
@@ -274,7 +344,7 @@ def sweep(shards, processor_dir, workers: Iterable[int] | str = (0, 1, 2, 4), ba
 
     result = SweepResult([], Recommendation(0, ""), settings={
         "shards": shards, "processor": str(processor_dir), "batch_size": batch_size, "seconds": seconds,
-        "max_pixels": max_pixels, "workers": workers if isinstance(workers, str) else list(workers)})
+        "rounds": rounds, "max_pixels": max_pixels, "workers": workers if isinstance(workers, str) else list(workers)})
     try:
         if workers == "auto":
             result.measurements = auto_worker_counts(measure_one)

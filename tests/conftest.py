@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import io
-import os
 import pathlib
+import struct
+import zlib
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED = pathlib.Path(os.environ.get("FASTLOAD_SHARED", ROOT.parent / "shared"))
-PROCESSOR_DIR = SHARED / "qwen2_5_vl"
-MLLM_DEMO = SHARED / "data" / "mllm_demo"
-IMAGES = SHARED / "images"
+from benchmarks.common import IMAGES, MLLM_DEMO, ROOT, SHARED
+from benchmarks.common import PROCESSOR as PROCESSOR_DIR
+
 NOT_IMAGES = {".md", ".json", ".txt", ""}
 
 
@@ -48,14 +47,14 @@ def shared_images(*folders: str) -> list[pathlib.Path]:
 
 
 def pillow_rgb(data: bytes) -> np.ndarray:
-    """The reference decode: Pillow, EXIF transpose, transformers' RGB conversion."""
+    """The reference decode: Pillow, EXIF transpose, transformers' own RGB conversion (alpha
+    composited onto white), none of it fastload's."""
     from PIL import Image, ImageOps
-
-    from fastload.decode import pil_to_rgb
+    from transformers.image_transforms import convert_to_rgb
 
     im = Image.open(io.BytesIO(data))
     im.load()
-    return pil_to_rgb(ImageOps.exif_transpose(im))
+    return convert_to_rgb(ImageOps.exif_transpose(im), return_numpy=True)
 
 
 def jpeg_bytes(array: np.ndarray, quality: int = 90, **kw) -> bytes:
@@ -75,3 +74,13 @@ def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
     img = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC)).copy()
     img[height // 3: height // 3 + 2] = 255
     return img
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 100-byte PNG whose header claims ``width`` x ``height`` over 64 zero bytes of data: a
+    decompression bomb's header, which nothing can decode (a decode attempt fails as truncated)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b""))

@@ -14,7 +14,7 @@ from fastload.cli.shard import main as shard_main
 from fastload.shards import ShardDataset
 from fastload.writer import ShardWriter
 
-from .conftest import jpeg_bytes, photo_like
+from .conftest import jpeg_bytes, photo_like, png_claiming
 
 
 def run_cli(*args) -> int:
@@ -66,8 +66,9 @@ def write_chat_dataset(root, n=12, broken=()):
     for i, kind in broken:
         if kind == "missing":
             rows[i]["images"] = ["img/nope.jpg"]
-        elif kind == "escape":
-            rows[i]["images"] = ["../../etc/passwd"]
+        elif kind == "escape":  # a real image, one folder up
+            (root.parent / "outside.jpg").write_bytes(jpeg_bytes(photo_like(60, 80)))
+            rows[i]["images"] = ["img/../../outside.jpg"]
         elif kind == "mismatch":
             rows[i]["images"] = rows[i]["images"] * 2
         elif kind == "undecodable":
@@ -75,18 +76,24 @@ def write_chat_dataset(root, n=12, broken=()):
     return rows
 
 
-@pytest.mark.parametrize("kind", ["missing", "escape", "mismatch", "undecodable"])
+BAD_RECORDS = {"missing": "cannot read image 'img/nope.jpg'", "escape": "escapes the dataset root",
+               "mismatch": "1 <image> placeholders but 2 images", "undecodable": "not a recognised image format"}
+
+
+@pytest.mark.parametrize("kind", list(BAD_RECORDS))
 def test_bad_records_skip_or_fail(tmp_path, capsys, kind):
-    rows = write_chat_dataset(tmp_path, broken=[(3, kind)])
-    src = tmp_path / "data.json"
+    root = tmp_path / "data"
+    rows = write_chat_dataset(root, broken=[(3, kind)])
+    src = root / "data.json"
     src.write_text(json.dumps(rows))
     assert run_cli(src, tmp_path / "out" / "s") == 0
     assert len(samples(tmp_path / "out" / "s")) == 11
     err = capsys.readouterr().err
-    assert "skipped 1" in err and "record 3" in err and "data.json" in err
+    assert "skipped 1" in err and "record 3" in err and "data.json" in err and BAD_RECORDS[kind] in err
     manifest = json.loads((tmp_path / "out" / "s.manifest.json").read_text())
     assert manifest["skipped"] == 1 and "record 3" in manifest["errors"][0]
-    assert run_cli(src, tmp_path / "out2" / "s", "--on-error", "fail") != 0
+    code = run_cli(src, tmp_path / "out2" / "s", "--on-error", "fail")  # exit status 1, with the message
+    assert isinstance(code, str) and code.startswith(f"fastload-shard: {src} record 3: ") and BAD_RECORDS[kind] in code
 
 
 def test_jsonl_with_malformed_line_and_alpaca(tmp_path, capsys):
@@ -121,6 +128,29 @@ def test_sharegpt_tags_from_dataset_info(tmp_path):
     (sample,) = samples(tmp_path / "o")
     assert json.loads(sample["json"])["messages"][1] == {"role": "assistant", "content": "yo"}
     assert sample["png"] == png_bytes()
+
+
+def test_data_directory_rules(tmp_path, capsys):
+    """As LLaMA-Factory reads a dataset_info.json: relative image paths from its folder (its
+    ``media_dir`` default), wherever the data file is; absolute paths as they are. A relative
+    path that leads out of the folder is refused, even to a real image."""
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    (data / "sub").mkdir(parents=True)
+    (data / "img").mkdir()
+    elsewhere.mkdir()
+    inside, outside = jpeg_bytes(photo_like(40, 60, 1)), jpeg_bytes(photo_like(50, 30, 2))
+    (data / "img" / "a.jpg").write_bytes(inside)
+    (elsewhere / "b.jpg").write_bytes(outside)
+    rows = _chat_rows(["img/a.jpg", str(elsewhere / "b.jpg"), "../elsewhere/b.jpg"])
+    (data / "sub" / "d.json").write_text(json.dumps(rows))
+    (data / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "sub/d.json", "formatting": "sharegpt",
+                                                              "columns": {"messages": "messages", "images": "images"},
+                                                              "tags": {"role_tag": "role", "content_tag": "content",
+                                                                       "user_tag": "user", "assistant_tag": "assistant"}}}))
+    assert run_cli("--dataset-info", data / "dataset_info.json", "--dataset", "d", tmp_path / "o") == 0
+    assert [s["jpg"] for s in samples(tmp_path / "o")] == [inside, outside]
+    err = capsys.readouterr().err
+    assert "skipped 1" in err and "record 2" in err and "'../elsewhere/b.jpg' escapes the dataset root" in err
 
 
 def test_format_sniffed_from_bytes_not_name(tmp_path):
@@ -189,9 +219,11 @@ def test_interrupted_writer_leaves_no_whole_looking_shard(tmp_path):
     assert len(list(ShardDataset(str(tmp_path / "s-{000000..000001}.tar")))) == 4
 
 
-def test_missing_input_and_unknown_dataset(tmp_path, mllm_demo):
-    assert run_cli(tmp_path / "nope.json", tmp_path / "o") != 0
-    assert run_cli("--dataset-info", mllm_demo / "dataset_info.json", "--dataset", "nope", tmp_path / "o") != 0
+def test_missing_input_and_unknown_dataset(tmp_path, mllm_demo, capsys):
+    missing = str(tmp_path / "nope.json")
+    assert run_cli(missing, tmp_path / "o") == f"fastload-shard: input {missing!r} does not exist"
+    assert run_cli("--dataset-info", mllm_demo / "dataset_info.json", "--dataset", "nope", tmp_path / "o") == 1
+    assert "no dataset named 'nope'" in capsys.readouterr().err
 
 
 def test_console_script_runs(tmp_path):
@@ -208,23 +240,11 @@ def _chat_rows(images: list[str]) -> list[dict]:
              "images": [name]} for name in images]
 
 
-def _png_claiming(width: int, height: int) -> bytes:
-    """A 100-byte PNG whose header claims ``width`` x ``height`` (a decompression bomb's header)."""
-    import struct
-    import zlib
-
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b""))
-
-
 @pytest.mark.parametrize("flags", [(), ("--validate",), ("--max-pixels", 10_000), ("--workers", 2, "--validate")])
 def test_bombs_are_refused_with_every_flag(tmp_path, capsys, flags):
     """--validate and --max-pixels used to decode with no limit; the limits hold with every flag."""
-    (tmp_path / "bomb.png").write_bytes(_png_claiming(20000, 20000))
-    (tmp_path / "big.png").write_bytes(_png_claiming(9000, 9900))  # under the pixel limit, over the memory budget
+    (tmp_path / "bomb.png").write_bytes(png_claiming(20000, 20000))
+    (tmp_path / "big.png").write_bytes(png_claiming(9000, 9900))  # under the pixel limit, over the memory budget
     (tmp_path / "ok.png").write_bytes(png_bytes((40, 30)))
     (tmp_path / "d.json").write_text(json.dumps(_chat_rows(["bomb.png", "big.png", "ok.png"])))
     assert run_cli(tmp_path / "d.json", tmp_path / "o", *flags) == 0

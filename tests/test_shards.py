@@ -1,8 +1,11 @@
 """ShardDataset against the webdataset library and GNU tar, placement, shuffling and bad input."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
+import pathlib
+import re
 import subprocess
 import tarfile
 import warnings
@@ -111,16 +114,20 @@ def test_each_sample_once_per_epoch_across_ranks_and_workers(tmp_path, monkeypat
 
 
 def test_fewer_shards_than_workers_warns_and_loses_nothing(tmp_path):
+    """One shard, three workers: each sample is read once over all workers, with one warning."""
     urls = make_shards(tmp_path, n_shards=1)
     ds = ShardDataset(urls)
-    with pytest.warns(UserWarning, match="idle"):
-        info = torch.utils.data._utils.worker.WorkerInfo(id=0, num_workers=3, seed=0, dataset=ds)
-        torch.utils.data._utils.worker._worker_info = info
-        try:
-            keys = [s["__key__"] for s in ds]
-        finally:
-            torch.utils.data._utils.worker._worker_info = None
-    assert len(keys) == 5
+    keys = []
+    with pytest.warns(UserWarning, match="idle") as warned:
+        for worker in range(3):  # as torch's worker loop sets it up in each worker process
+            info = torch.utils.data._utils.worker.WorkerInfo(id=worker, num_workers=3, seed=0, dataset=ds)
+            torch.utils.data._utils.worker._worker_info = info
+            try:
+                keys += [s["__key__"] for s in ds]
+            finally:
+                torch.utils.data._utils.worker._worker_info = None
+    assert sorted(keys) == [f"s{i:04d}" for i in range(5)]
+    assert len([w for w in warned if "idle" in str(w.message)]) == 1
 
 
 def test_shuffle_is_deterministic_per_epoch(tmp_path):
@@ -208,5 +215,21 @@ def test_transform_errors_follow_the_policy(tmp_path):
     assert list(ShardDataset(urls, transform=picky, on_error="skip")) == [0, 1, 3, 4]
 
 
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent is not a module
+        return False
+
+
 def test_public_api_exports():
-    assert fastload.ShardDataset is ShardDataset
+    """Every ``fastload.…`` name the README uses exists, and ``__all__`` lists only real names."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for dotted in sorted(set(re.findall(r"\bfastload(?:\.[A-Za-z_]\w*)+", readme))):
+        parts = dotted.split(".")
+        depth = next(i for i in range(len(parts), 0, -1) if _is_module(".".join(parts[:i])))
+        obj = importlib.import_module(".".join(parts[:depth]))
+        for attr in parts[depth:]:
+            assert hasattr(obj, attr), f"the README names {dotted}, which does not exist"
+            obj = getattr(obj, attr)
+    assert [name for name in fastload.__all__ if not hasattr(fastload, name)] == []

@@ -1,14 +1,13 @@
 """The image pipeline against transformers' Qwen2VLImageProcessor (PIL backend, and torchvision's where installed)."""
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 import PIL
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
@@ -16,7 +15,7 @@ import fastload
 from fastload import _kernels
 from fastload.decode import DecompressionBombError, ImageDecodeError, decode
 
-from .conftest import IMAGES, jpeg_bytes, photo_like, pillow_rgb, shared_images
+from .conftest import IMAGES, jpeg_bytes, photo_like, pillow_rgb, png_claiming, shared_images
 
 MAX_PIXELS = (12845056, 1003520)
 ALL_IMAGES = ("photos", "pillow", "pillow_nonjpeg", "libjpeg-turbo")
@@ -161,7 +160,7 @@ LAYOUTS = [
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "default")
 def test_kernel_layouts_match_transformers(processor_dir, simd, layout):
-    """Other patch, merge and temporal sizes and normalizations, in both code paths, against
+    """Other patch, merge and temporal sizes and normalizations, in both code paths, equal to
     transformers' PIL backend with the same settings; bfloat16 is float32 rounded by torch."""
     kw = dict(layout, min_pixels=64, max_pixels=200_000)
     ref = Qwen2VLImageProcessorPil.from_pretrained(processor_dir, **kw)
@@ -171,9 +170,7 @@ def test_kernel_layouts_match_transformers(processor_dir, simd, layout):
         rgb = photo_like(h, w, seed=i)
         expected = run_reference(ref, rgb)
         got = ours(rgb, return_tensors="np")
-        assert np.array_equal(got["image_grid_thw"], expected["image_grid_thw"])
-        assert got["pixel_values"].shape == expected["pixel_values"].shape
-        assert float(np.abs(got["pixel_values"] - expected["pixel_values"]).max()) <= 0.02 * max(1, 255 * (not ours.config.do_rescale))
+        assert_same(got, expected, (h, w))
         assert torch.equal(ours_bf16(rgb)["pixel_values"], torch.from_numpy(got["pixel_values"]).to(torch.bfloat16))
 
 
@@ -232,30 +229,37 @@ def test_kernels_reject_non_contiguous_views():
         _kernels.resize(view, np.empty((60, 40, 3), np.uint8), 60, 40)
 
 
+def has_alpha(im: Image.Image) -> bool:
+    """What transformers' ``convert_to_rgb`` composites onto white (its own test, restated)."""
+    return "A" in im.getbands() or im.info.get("transparency") is not None
+
+
+def assert_same(got: dict, expected: dict, what) -> None:
+    assert np.array_equal(got["image_grid_thw"], expected["image_grid_thw"]), what
+    assert got["pixel_values"].dtype == expected["pixel_values"].dtype == np.float32, what
+    assert np.array_equal(got["pixel_values"], expected["pixel_values"]), what
+
+
 @pytest.mark.parametrize("max_pixels", MAX_PIXELS)
-def test_exact_matches_transformers_pil_backend(processor_dir, images, max_pixels):
-    """Same decoded RGB in, same grid out, pixel values within one 8-bit level."""
+def test_exact_is_transformers_pil_backend_bit_for_bit(processor_dir, images, max_pixels):
+    """exact=True equals transformers' PIL backend bit for bit, given what transformers is given.
+
+    An image as Pillow opens it: transformers composites alpha onto white and applies no EXIF
+    orientation, and so does fastload. A file (its path, or its bytes for fastload's own
+    decoders): transformers' ``load_image`` applies EXIF orientation, then ``convert("RGB")``,
+    which drops alpha instead of compositing it; fastload orients the same way but composites
+    as for an opened image, so for images with alpha the reference is the oriented image as
+    Pillow opens it (README, "The image processor on its own")."""
     ref = reference(processor_dir, max_pixels)
     ours = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, max_pixels=max_pixels, exact=True)
-    worst = 0.0
-    for path, _, rgb in images:
-        expected = run_reference(ref, rgb)
-        got = ours(rgb, return_tensors="np")
-        assert np.array_equal(got["image_grid_thw"], expected["image_grid_thw"]), path.name
-        assert got["pixel_values"].dtype == np.float32
-        diff = float(np.abs(got["pixel_values"] - expected["pixel_values"]).max())
-        worst = max(worst, diff)
-        assert diff <= 0.02, (path.name, diff)
-    print(f"\nexact vs transformers PIL backend, max_pixels={max_pixels}: max |diff| = {worst:.2e}")
-
-
-def test_exact_from_bytes_equals_pillow_decode(processor_dir, images):
-    """Bytes through fastload's decoders give the same pixel_values as Pillow-decoded RGB."""
-    ours = fastload.Qwen2VLImageProcessor.from_pretrained(processor_dir, max_pixels=1003520, exact=True)
-    for path, data, rgb in images:
-        a = ours(data, return_tensors="np")["pixel_values"]
-        b = ours(rgb, return_tensors="np")["pixel_values"]
-        assert a.shape == b.shape and float(np.abs(a - b).max()) <= 0.02, path.name
+    for path, data, _ in images:
+        with Image.open(path) as mine, Image.open(path) as theirs:
+            assert_same(ours(mine, return_tensors="np"), ref(theirs, return_tensors="np"), (path.name, "opened"))
+        with Image.open(path) as im:
+            expected = (ref(ImageOps.exif_transpose(im), return_tensors="np") if has_alpha(im)
+                        else ref(str(path), return_tensors="np"))
+        for source in (data, str(path)):
+            assert_same(ours(source, return_tensors="np"), expected, (path.name, type(source).__name__))
 
 
 def test_torchvision_backend_report(processor_dir, images):
@@ -418,10 +422,11 @@ def test_bomb_limit_is_configurable_and_checked_before_decoding():
     big = jpeg_bytes(photo_like(400, 400))
     with pytest.raises(DecompressionBombError):
         fastload.Qwen2VLImageProcessor(max_image_pixels=100_000)(big)
-    png = io.BytesIO()
-    Image.new("RGB", (20000, 20000)).save(png, format="PNG", compress_level=1)
-    with pytest.raises(DecompressionBombError):
-        fastload.Qwen2VLImageProcessor()(png.getvalue())
+    bomb = png_claiming(20000, 20000)  # its pixels are not there: decoding it would fail otherwise
+    with pytest.raises(DecompressionBombError, match="over the limit"):
+        fastload.Qwen2VLImageProcessor()(bomb)
+    with pytest.raises(DecompressionBombError, match="per-image budget"):
+        fastload.Qwen2VLImageProcessor()(png_claiming(9000, 9900))  # under the pixel limit
 
 
 def test_exif_orientation_matches_pillow():

@@ -31,13 +31,16 @@ log = logging.getLogger("fastload.shard")
 
 
 def resolve_image(ref, root: str, what: str = "image") -> tuple[str, bytes, str | None]:
-    """(source name, bytes, file path or None) of an image (or video) reference; paths must stay
-    inside ``root``."""
+    """(source name, bytes, file path or None) of an image (or video) reference. An absolute
+    path is read as it is, as LLaMA-Factory reads it; a relative one is read from ``root`` and,
+    links resolved, must stay inside it: a record cannot reach out of its data directory."""
     if isinstance(ref, (bytes, bytearray)):
         return "<bytes>", bytes(ref), None
-    path = os.path.realpath(os.path.join(root, ref))
-    if os.path.commonpath([path, os.path.realpath(root)]) != os.path.realpath(root):
-        raise RecordError(f"{what} path {ref!r} escapes the dataset root {root}")
+    path = ref
+    if not os.path.isabs(ref):
+        path, real_root = os.path.realpath(os.path.join(root, ref)), os.path.realpath(root)
+        if os.path.commonpath([path, real_root]) != real_root:
+            raise RecordError(f"{what} path {ref!r} escapes the dataset root {root}")
     try:
         with open(path, "rb") as f:
             return ref, f.read(), path
@@ -129,7 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a LLaMA-Factory training YAML: its dataset, dataset_dir and media_dir")
     p.add_argument("--format", choices=["auto", "sharegpt", "alpaca"], default=None,
                    help="record format for JSON input (default: from dataset_info, else auto)")
-    p.add_argument("--image-root", help="directory image paths are relative to (default: the input's)")
+    p.add_argument("--image-root", help="directory relative image paths are read from and must stay in "
+                   "(default: the --dataset-info folder, else the input file's; absolute paths are read as they are)")
     p.add_argument("--maxcount", type=int, default=10_000, help="samples per shard (default 10000)")
     p.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard (default 1e9)")
     p.add_argument("--workers", type=int, default=1,
@@ -155,13 +159,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _source(args) -> tuple:
     cols = Columns(formatting="auto")
-    path = args.input
+    path, root = args.input, args.image_root
     if args.dataset_info:
         if not args.dataset:
             raise SystemExit("fastload-shard: --dataset-info needs --dataset NAME")
+        # LLaMA-Factory's media_dir defaults to its dataset_dir: the dataset_info.json folder
+        root = root or os.path.dirname(os.path.abspath(args.dataset_info))
         names = dataset_names(args.dataset)
-        if len(names) > 1 and not path:  # LLaMA-Factory's media_dir: the dataset_info folder
-            root = args.image_root or os.path.dirname(os.path.abspath(args.dataset_info))
+        if len(names) > 1 and not path:
             return dataset_records(args.dataset_info, names, args.format), root, args.dataset_info
         cols, data_file = Columns.from_dataset_info(args.dataset_info, names[0])
         path = path or data_file
@@ -169,7 +174,7 @@ def _source(args) -> tuple:
         cols.formatting = args.format
     if not os.path.exists(path):
         raise SystemExit(f"fastload-shard: input {path!r} does not exist")
-    root = args.image_root or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+    root = root or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
     return open_source(path, cols), root, path
 
 
