@@ -197,7 +197,10 @@ class Qwen2VLImageProcessor:
     """Drop-in for transformers' ``Qwen2VLImageProcessor``, fused and GIL-free.
 
     ``exact=True`` always decodes full size and resizes exactly as Pillow does, so its values
-    equal transformers' PIL backend bit for bit. ``exact=False`` trades that for speed where it
+    equal transformers' PIL backend bit for bit given the same image (for bytes or a path with
+    alpha, transformers' ``load_image`` drops the alpha where fastload composites it onto white,
+    as transformers does for an opened image: README, "The image processor on its own").
+    ``exact=False`` trades that for speed where it
     is cheap: JPEGs decode DCT-scaled when that still covers the target size, with
     libjpeg-turbo's fast IDCT and chroma upsampling, and the resize takes the cheaper pass
     order with 8-bit weights (16-bit where it shrinks over 2x; PSNR ~38.4 dB against exact
