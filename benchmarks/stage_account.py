@@ -1,0 +1,278 @@
+"""Where the end-to-end time goes: fastload's loader against N x the single-thread rate of the
+same transform + collate on the same data, and a per-stage account of one epoch.
+
+    PYTHONPATH=. python benchmarks/stage_account.py [--samples 200] [--batch 4] [--rounds 2]
+
+1. Rates, interleaved rounds (each contender once per round, in a shuffled order), every one an
+   epoch of the e2e photo set (``--samples`` one-photo records, ``max_pixels=1003520``):
+   - single thread: ShardDataset + Qwen2VLTransform + Qwen2VLCollator in a plain loop, one torch
+     thread (what one worker could do alone);
+   - fastload.DataLoader at 1 and 2 workers (float32, bfloat16, uint8 wire), persistent workers,
+     one warm epoch first; "epoch" is samples / wall time of the epoch, "steady" leaves out the
+     time to the epoch's first batch (the pipeline filling);
+   - torch.utils.data.DataLoader with the same transform and collator (float32): the loader's
+     transport alone against torch's.
+2. The per-stage account: the same fastload epochs with timers around the real functions, in
+   the trainer's process and in each worker (installed by ``worker_init_fn``; fastload's code is
+   not changed). Stages nest, and each row says what it includes.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import multiprocessing.connection
+import os
+import pathlib
+import pickle
+import random
+import statistics
+import tempfile
+import time
+import types
+
+import torch
+from common import (
+    PROCESSOR,
+    Stages,
+    baseline_note,
+    machine,
+    need_shared,
+    photo_shards,
+    table,
+)
+
+import fastload
+from fastload import shards, vision
+from fastload.loader import iterators, shm, worker
+from fastload.loader.fetch import Fetcher
+
+MAX_PIXELS = 1003520
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "uint8 wire": torch.uint8}
+
+
+def make_transform(dtype: torch.dtype) -> fastload.Qwen2VLTransform:
+    return fastload.Qwen2VLTransform(PROCESSOR, max_pixels=MAX_PIXELS, dtype=dtype).load()
+
+
+def single_thread_epoch(urls: str, dtype: torch.dtype, batch: int) -> float:
+    """Samples/s of read + transform + collate in this thread alone (one torch thread, as a worker)."""
+    transform, collate = make_transform(dtype), fastload.Qwen2VLCollator()
+    samples, pending = 0, []
+    start = time.perf_counter()
+    for sample in fastload.ShardDataset(urls, transform=transform):
+        pending.append(sample)
+        if len(pending) == batch:
+            samples += len(collate(pending)["input_ids"])
+            pending = []
+    if pending:
+        samples += len(collate(pending)["input_ids"])
+    return samples / (time.perf_counter() - start)
+
+
+def make_loader(urls: str, dtype: torch.dtype, workers: int, batch: int, torch_loader: bool = False,
+                worker_init_fn=None):
+    dataset = fastload.ShardDataset(urls, transform=make_transform(dtype))
+    cls = torch.utils.data.DataLoader if torch_loader else fastload.DataLoader
+    return cls(dataset, batch_size=batch, num_workers=workers, collate_fn=fastload.Qwen2VLCollator(),
+               persistent_workers=True, worker_init_fn=worker_init_fn)
+
+
+def timed_epoch(loader) -> tuple[int, float, float]:
+    """(samples, seconds to the first batch, seconds in all) for one epoch."""
+    samples, first = 0, None
+    start = time.perf_counter()
+    for batch in loader:
+        if first is None:
+            first = time.perf_counter() - start
+        samples += len(batch["input_ids"])
+        del batch
+    return samples, first, time.perf_counter() - start
+
+
+def loader_rates(loader) -> tuple[float, float]:
+    """(epoch, steady) samples/s of one epoch after a warm one (workers started, pools faulted in)."""
+    timed_epoch(loader)
+    samples, first, total = timed_epoch(loader)
+    return samples / total, samples / (total - first)
+
+
+def rate_contenders(urls: str, batch: int, dtypes: list[str]) -> dict:
+    """name -> callable giving (epoch samples/s, steady samples/s)."""
+    out = {}
+    for name in dtypes:
+        out[f"single thread {name}"] = functools.partial(
+            lambda d: (single_thread_epoch(urls, d, batch),) * 2, DTYPES[name])
+        for n in (1, 2):
+            out[f"fastload {name} N={n}"] = functools.partial(
+                lambda d, n: loader_rates(make_loader(urls, d, n, batch)), DTYPES[name], n)
+    for n in (1, 2):
+        out[f"torch DataLoader f32 N={n}"] = functools.partial(
+            lambda n: loader_rates(make_loader(urls, torch.float32, n, batch, torch_loader=True)), n)
+    return out
+
+
+def measure_rates(urls: str, batch: int, dtypes: list[str], rounds: int) -> dict:
+    contenders = rate_contenders(urls, batch, dtypes)
+    got = {name: [] for name in contenders}
+    rng = random.Random(0)
+    for r in range(rounds):
+        for name in rng.sample(list(contenders), len(contenders)):
+            got[name].append(contenders[name]())
+        print(f"  round {r + 1}/{rounds} done", flush=True)
+    return {name: (statistics.median(e for e, _ in v), statistics.median(s for _, s in v)) for name, v in got.items()}
+
+
+def rate_table(rates: dict, dtypes: list[str]) -> str:
+    rows = []
+    for name in dtypes:
+        single = rates[f"single thread {name}"][0]
+        rows.append([f"single thread {name}", "-", single, single, "-", "-"])
+        for prefix in ("fastload", "torch DataLoader"):
+            for n in (1, 2):
+                key = f"{prefix} {name} N={n}"
+                if key in rates:
+                    epoch, steady = rates[key]
+                    rows.append([key, n, epoch, steady, epoch / (n * single), steady / (n * single)])
+    return table(["contender", "workers", "epoch samples/s", "steady samples/s", "epoch / (N x single)",
+                  "steady / (N x single)"], rows)
+
+
+# -- the per-stage account --------------------------------------------------------------------
+WORKER_STAGES = [  # (owner, attribute, stage, how it nests)
+    (shards, "tar_entries", "shard read (tar members)", "iter"),
+    (fastload.Qwen2VLTransform, "__call__", "transform (all)", ""),
+    (fastload.Qwen2VLTransform, "_tokenize_media", "  tokenize incl. header", ""),
+    (fastload.Qwen2VLTransform, "image_tokens", "    header for token count", ""),
+    (vision, "read_header", "  header again (decode path)", ""),
+    (vision, "decode", "  decode (libjpeg-turbo)", ""),
+    (vision, "resize_rgb", "  resize (uint8 wire)", ""),
+    (fastload.Qwen2VLCollator, "__call__", "collate", ""),
+    (Fetcher, "fetch", "fetch (read + transform + collate)", ""),
+    (worker.Slots, "write", "shared-memory write (all)", ""),
+    (fastload.Qwen2VLImageProcessor, "process_into", "  kernel (patches into shm)", ""),
+    (multiprocessing.connection.Connection, "send", "messages out (send)", ""),
+    (worker, "_run_task", "a batch's task (all)", ""),
+    (multiprocessing.connection.Connection, "poll", "waiting for a task or a free slot", ""),
+]
+TRAINER_STAGES = [
+    (multiprocessing.connection, "wait", "waiting for workers (connection.wait)"),
+    (multiprocessing.connection.Connection, "recv", "receive message (recv + unpickle)"),
+    (shm, "attach_segment", "map segment (mmap)"),
+    (shm, "unpack", "rebuild batch (unpickle skeleton + views)"),
+    (iterators.WorkerIter, "_attach", "attach (map + rebuild)"),
+    (iterators.WorkerIter, "_receive", "receive (wait + recv + attach)"),
+    (iterators.WorkerIter, "_process", "bookkeeping + next task sent"),
+    (iterators.WorkerIter, "_flush_released", "slot release sent"),
+    (iterators.WorkerIter, "_next_data", "next batch (all of the above)"),
+    (iterators._BaseDataLoaderIter, "__next__", "next(iterator): torch's wrapper + next batch"),
+]
+
+
+def _timed_pickle(stages: Stages, verb: str, stage: str) -> None:
+    """shm's ``pickle`` module, with one of its functions timed (the skeleton's only)."""
+    shim = types.SimpleNamespace(loads=pickle.loads, dumps=pickle.dumps, HIGHEST_PROTOCOL=pickle.HIGHEST_PROTOCOL)
+    stages.wrap(shim, verb, stage)
+    shm.pickle = shim
+
+
+def _instrument_worker(out_dir: str, _worker_id: int) -> None:
+    """worker_init_fn: times the worker's stages; each epoch starts from zero, and the last
+    epoch's sums are written to ``out_dir`` when the worker exits."""
+    from multiprocessing.util import Finalize
+
+    stages = Stages()
+    for owner, name, stage, kind in WORKER_STAGES:
+        (stages.wrap_iter if kind == "iter" else stages.wrap)(owner, name, stage)
+    _timed_pickle(stages, "dumps", "  skeleton pickle")
+    start_epoch = worker._start_epoch
+
+    def reset_then_start(*args):
+        stages.reset()
+        stages.first["epoch start"] = time.perf_counter()
+        return start_epoch(*args)
+
+    worker._start_epoch = reset_then_start
+    path = pathlib.Path(out_dir) / f"worker-{os.getpid()}.pkl"
+    Finalize(None, lambda: path.write_bytes(pickle.dumps(stages.state())), exitpriority=10)
+
+
+def instrumented_epoch(urls: str, dtype: torch.dtype, workers: int, batch: int) -> dict:
+    """One warm epoch, then one with every stage timed in the trainer and the workers."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        loader = make_loader(urls, dtype, workers, batch, worker_init_fn=functools.partial(_instrument_worker, out_dir))
+        timed_epoch(loader)
+        trainer = Stages()
+        for owner, name, stage in TRAINER_STAGES:
+            trainer.wrap(owner, name, stage)
+        _timed_pickle(trainer, "loads", "  skeleton unpickle")
+        samples, first, total = timed_epoch(loader)
+        restore_trainer()  # before the shutdown, whose joins wait on connections too
+        loader._iterator._shutdown_workers()  # the workers write their sums as they exit
+        del loader
+        worker_states = [pickle.loads(p.read_bytes()) for p in pathlib.Path(out_dir).glob("worker-*.pkl")]
+    return {"samples": samples, "first": first, "total": total,
+            "trainer": trainer.state(), "workers": worker_states, "workers_n": workers}
+
+
+_ORIGINALS = {(owner, name): getattr(owner, name) for owner, name, _ in TRAINER_STAGES}
+_PICKLE = shm.pickle
+
+
+def restore_trainer() -> None:
+    """Takes the trainer-side timers off again (later contenders run unwrapped)."""
+    for (owner, name), fn in _ORIGINALS.items():
+        setattr(owner, name, fn)
+    shm.pickle = _PICKLE
+
+
+def account_table(acc: dict) -> str:
+    n, samples, wall = acc["workers_n"], acc["samples"], acc["total"]
+    rows = []
+    stages = [stage for _, _, stage, _ in WORKER_STAGES] + ["  skeleton pickle"]
+    for stage in stages:
+        seconds = sum(w["seconds"].get(stage, 0.0) for w in acc["workers"])
+        calls = sum(w["calls"].get(stage, 0) for w in acc["workers"])
+        if calls:
+            rows.append(["worker", stage, calls, seconds * 1e3 / samples, seconds / (n * wall) * 100])
+    t = acc["trainer"]
+    for _, _, stage in TRAINER_STAGES + [(None, None, "  skeleton unpickle")]:
+        if t["calls"].get(stage):
+            rows.append(["trainer", stage, t["calls"][stage], t["seconds"][stage] * 1e3 / samples,
+                         t["seconds"][stage] / wall * 100])
+    spans = [w["last"].get("a batch's task (all)", 0) - w["first"].get("epoch start", 0) for w in acc["workers"]]
+    return (table(["process", "stage (indented: inside the one above)", "calls", "ms per sample",
+                   "% of (workers x) epoch wall"], rows)
+            + "\nworkers: epoch start -> last batch written: " + ", ".join(f"{s:.2f} s" for s in spans)
+            + f" of the trainer's {wall:.2f} s epoch")
+
+
+def main() -> None:
+    need_shared()
+    p = argparse.ArgumentParser()
+    p.add_argument("--samples", type=int, default=200)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of " + ", ".join(DTYPES))
+    p.add_argument("--account-only", action="store_true", help="skip the interleaved rates")
+    args = p.parse_args()
+    dtypes = args.dtypes.split(",")
+    torch.set_num_threads(1)
+    print(f"machine: {machine()}; {args.samples} photo samples, batch {args.batch}, max_pixels {MAX_PIXELS}; "
+          f"torch {torch.__version__}; {baseline_note()}\n", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        urls = photo_shards(pathlib.Path(tmp), args.samples)
+        if not args.account_only:
+            rates = measure_rates(urls, args.batch, dtypes, args.rounds)
+            print(f"\nrates: median of {args.rounds} interleaved rounds, one epoch each")
+            print(rate_table(rates, dtypes), "\n", flush=True)
+        for name in dtypes:
+            for n in (1, 2):
+                acc = instrumented_epoch(urls, DTYPES[name], n, args.batch)
+                print(f"per-stage account, fastload {name}, {n} worker(s): {acc['samples']} samples in "
+                      f"{acc['total']:.2f} s ({acc['samples'] / acc['total']:.1f} samples/s with timers), "
+                      f"first batch after {acc['first'] * 1e3:.0f} ms")
+                print(account_table(acc), "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
