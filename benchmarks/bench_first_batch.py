@@ -24,8 +24,9 @@ import sys
 import tempfile
 
 import numpy as np
-from common import PROCESSOR, machine, need_shared, photo_shards, table
 from PIL import Image
+
+from common import PROCESSOR, machine, need_shared, photo_shards, table
 
 CHILD = """
 import json, sys, time

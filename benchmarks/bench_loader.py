@@ -22,19 +22,12 @@ import time
 import psutil
 import torch
 import webdataset as wds
-from common import (
-    PROCESSOR,
-    baseline_note,
-    machine,
-    need_shared,
-    photo_shards,
-    table,
-    transformers_collates,
-)
 
 import fastload
 from fastload import bench
 from fastload.baseline import TransformersCollate
+
+from common import PROCESSOR, baseline_note, machine, need_shared, photo_shards, table, transformers_collates
 
 MAX_PIXELS = 1003520
 BATCH = 8

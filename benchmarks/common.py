@@ -105,9 +105,7 @@ def transformers_collates(processor_dir, max_pixels: int | None) -> dict:
 def transformers_image_processors(processor_dir, max_pixels: int | None) -> dict:
     """name -> transformers' Qwen2-VL image processor: its default (torchvision) backend where
     installed, and the PIL backend always."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-        Qwen2VLImageProcessorPil,
-    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     out = {}
     if has_torchvision():
@@ -124,9 +122,7 @@ class PilBackendCollate(TransformersCollate):
 
     def __call__(self, samples: list[dict]) -> dict:
         if self._proc is None:
-            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-                Qwen2VLImageProcessorPil,
-            )
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
             from fastload.baseline import reference_processor
 
@@ -138,36 +134,41 @@ class PilBackendCollate(TransformersCollate):
 
 
 class Stages:
-    """Wall seconds, calls and first/last times per stage, gathered by wrapping the real functions
-    in place (benchmarks only: it changes the process it runs in). A wrapped call's time includes
-    the wrapped calls it makes (the kernel runs inside the shared-memory write, say)."""
+    """Wall seconds, this thread's CPU seconds, calls and first/last times per stage, gathered by
+    wrapping the real functions in place (benchmarks only: it changes the process it runs in). A
+    wrapped call's time includes the wrapped calls it makes (the kernel runs inside the
+    shared-memory write, say). Wall minus CPU is time blocked or waiting for a core: on a shared
+    machine, CPU time is the cost that survives the neighbours."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
         self.seconds: dict[str, float] = collections.defaultdict(float)
+        self.cpu: dict[str, float] = collections.defaultdict(float)
         self.calls: collections.Counter = collections.Counter()
         self.first: dict[str, float] = {}
         self.last: dict[str, float] = {}
 
-    def _add(self, stage: str, start: float, end: float) -> None:
+    def _add(self, stage: str, start: float, end: float, cpu: float) -> None:
         self.seconds[stage] += end - start
+        self.cpu[stage] += time.thread_time() - cpu
         self.calls[stage] += 1
         self.first.setdefault(stage, start)
         self.last[stage] = end
 
-    def wrap(self, owner, name: str, stage: str) -> None:
-        """Times every call of ``owner.name`` (a module function or a class's method)."""
+    def wrap(self, owner, name: str, stage: str, by=None) -> None:
+        """Times every call of ``owner.name`` (a module function or a class's method); ``by(*args)``,
+        if given, splits the stage by what it returns (say, an image's format)."""
         fn = getattr(owner, name)
 
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self._add(stage, start, time.perf_counter())
+                self._add(f"{stage} ({by(*args)})" if by else stage, start, time.perf_counter(), cpu)
 
         setattr(owner, name, timed)
 
@@ -180,13 +181,13 @@ class Stages:
             it = fn(*args, **kwargs)
             try:
                 while True:
-                    start = time.perf_counter()
+                    start, cpu = time.perf_counter(), time.thread_time()
                     try:
                         item = next(it)
                     except StopIteration:
                         return
                     finally:
-                        self._add(stage, start, time.perf_counter())
+                        self._add(stage, start, time.perf_counter(), cpu)
                     yield item
             finally:
                 it.close()
@@ -194,5 +195,5 @@ class Stages:
         setattr(owner, name, timed)
 
     def state(self) -> dict:
-        return {"seconds": dict(self.seconds), "calls": dict(self.calls), "first": dict(self.first),
+        return {"seconds": dict(self.seconds), "cpu": dict(self.cpu), "calls": dict(self.calls), "first": dict(self.first),
                 "last": dict(self.last)}

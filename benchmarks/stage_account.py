@@ -5,8 +5,9 @@ same transform + collate on the same data, and a per-stage account of one epoch.
 
 1. Rates, interleaved rounds (each contender once per round, in a shuffled order), every one an
    epoch of the e2e photo set (``--samples`` one-photo records, ``max_pixels=1003520``):
-   - single thread: ShardDataset + Qwen2VLTransform + Qwen2VLCollator in a plain loop, one torch
-     thread (what one worker could do alone);
+   - single thread (a forked child, one torch thread): ShardDataset + Qwen2VLTransform +
+     Qwen2VLCollator in a plain loop, and the transform alone (patches into the kernel's reused
+     output block: the work a worker cannot avoid, the reference "ref" for N x single);
    - fastload.DataLoader at 1 and 2 workers (float32, bfloat16, uint8 wire), persistent workers,
      one warm epoch first; "epoch" is samples / wall time of the epoch, "steady" leaves out the
      time to the epoch's first batch (the pipeline filling);
@@ -30,21 +31,16 @@ import tempfile
 import time
 import types
 
+import psutil
 import torch
-from common import (
-    PROCESSOR,
-    Stages,
-    baseline_note,
-    machine,
-    need_shared,
-    photo_shards,
-    table,
-)
 
 import fastload
-from fastload import shards, vision
+from fastload import bench, shards, vision
+from fastload.decode import sniff_format
 from fastload.loader import iterators, shm, worker
 from fastload.loader.fetch import Fetcher
+
+from common import PROCESSOR, Stages, baseline_note, machine, need_shared, photo_shards, table
 
 MAX_PIXELS = 1003520
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "uint8 wire": torch.uint8}
@@ -54,19 +50,32 @@ def make_transform(dtype: torch.dtype) -> fastload.Qwen2VLTransform:
     return fastload.Qwen2VLTransform(PROCESSOR, max_pixels=MAX_PIXELS, dtype=dtype).load()
 
 
-def single_thread_epoch(urls: str, dtype: torch.dtype, batch: int) -> float:
-    """Samples/s of read + transform + collate in this thread alone (one torch thread, as a worker)."""
-    transform, collate = make_transform(dtype), fastload.Qwen2VLCollator()
+def _single_thread_epoch(urls: str, dtype: torch.dtype, batch: int, collate: bool) -> tuple:
+    """Read + transform (+ collate) in one thread (one torch thread, as a worker): (samples/s,
+    samples/s, CPU ms per sample). Without ``collate`` each sample's patches come from the
+    kernel's reused output block: the work a worker cannot avoid. With it, the collator
+    concatenates them into a fresh batch tensor (for float32 at batch 4, ~95 MB of new pages
+    per batch), as any process without fastload's transport does."""
+    torch.set_num_threads(1)
+    transform, collator = make_transform(dtype), fastload.Qwen2VLCollator()
     samples, pending = 0, []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for sample in fastload.ShardDataset(urls, transform=transform):
         pending.append(sample)
-        if len(pending) == batch:
-            samples += len(collate(pending)["input_ids"])
+        if len(pending) == batch or not collate:
+            samples += len(collator(pending)["input_ids"]) if collate else 1
             pending = []
     if pending:
-        samples += len(collate(pending)["input_ids"])
-    return samples / (time.perf_counter() - start)
+        samples += len(collator(pending)["input_ids"])
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return samples / wall, samples / wall, cpu * 1e3 / samples
+
+
+def single_thread_epoch(urls: str, dtype: torch.dtype, batch: int, collate: bool) -> tuple:
+    """:func:`_single_thread_epoch` in a forked child: a fresh heap each time, as a worker has."""
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_single_thread_epoch, (urls, dtype, batch, collate))
 
 
 def make_loader(urls: str, dtype: torch.dtype, workers: int, batch: int, torch_loader: bool = False,
@@ -89,19 +98,32 @@ def timed_epoch(loader) -> tuple[int, float, float]:
     return samples, first, time.perf_counter() - start
 
 
-def loader_rates(loader) -> tuple[float, float]:
-    """(epoch, steady) samples/s of one epoch after a warm one (workers started, pools faulted in)."""
+def cpu_seconds(loader) -> float:
+    """CPU seconds so far of this process and the loader's workers."""
+    total = 0.0
+    for pid in [os.getpid(), *bench.worker_pids(loader)]:
+        t = psutil.Process(pid).cpu_times()
+        total += t.user + t.system
+    return total
+
+
+def loader_rates(loader) -> tuple[float, float, float]:
+    """(epoch samples/s, steady samples/s, CPU ms per sample of trainer + workers) of one epoch
+    after a warm one (workers started, pools faulted in)."""
     timed_epoch(loader)
+    cpu = cpu_seconds(loader)
     samples, first, total = timed_epoch(loader)
-    return samples / total, samples / (total - first)
+    return samples / total, samples / (total - first), (cpu_seconds(loader) - cpu) * 1e3 / samples
 
 
 def rate_contenders(urls: str, batch: int, dtypes: list[str]) -> dict:
-    """name -> callable giving (epoch samples/s, steady samples/s)."""
+    """name -> callable giving (epoch samples/s, steady samples/s, CPU ms per sample)."""
     out = {}
     for name in dtypes:
-        out[f"single thread {name}"] = functools.partial(
-            lambda d: (single_thread_epoch(urls, d, batch),) * 2, DTYPES[name])
+        out[f"single thread {name}: transform + collate"] = functools.partial(
+            single_thread_epoch, urls, DTYPES[name], batch, True)
+        out[f"single thread {name}: transform alone"] = functools.partial(
+            single_thread_epoch, urls, DTYPES[name], batch, False)
         for n in (1, 2):
             out[f"fastload {name} N={n}"] = functools.partial(
                 lambda d, n: loader_rates(make_loader(urls, d, n, batch)), DTYPES[name], n)
@@ -119,22 +141,27 @@ def measure_rates(urls: str, batch: int, dtypes: list[str], rounds: int) -> dict
         for name in rng.sample(list(contenders), len(contenders)):
             got[name].append(contenders[name]())
         print(f"  round {r + 1}/{rounds} done", flush=True)
-    return {name: (statistics.median(e for e, _ in v), statistics.median(s for _, s in v)) for name, v in got.items()}
+    return {name: tuple(statistics.median(x[i] for x in v) for i in range(3)) for name, v in got.items()}
 
 
 def rate_table(rates: dict, dtypes: list[str]) -> str:
+    """Each loader against N x the single thread's transform alone (the work a worker cannot
+    avoid: read, transform, patches into a reused buffer); transform + collate in one thread is
+    what the issue names, and pays a fresh batch tensor that the loader's transport avoids."""
     rows = []
     for name in dtypes:
-        single = rates[f"single thread {name}"][0]
-        rows.append([f"single thread {name}", "-", single, single, "-", "-"])
+        rows.append([f"single thread {name}: transform + collate", "-",
+                     *rates[f"single thread {name}: transform + collate"], "-", "-"])
+        ref = rates[f"single thread {name}: transform alone"]
+        rows.append([f"single thread {name}: transform alone (= ref)", "-", *ref, "-", "-"])
         for prefix in ("fastload", "torch DataLoader"):
             for n in (1, 2):
                 key = f"{prefix} {name} N={n}"
                 if key in rates:
-                    epoch, steady = rates[key]
-                    rows.append([key, n, epoch, steady, epoch / (n * single), steady / (n * single)])
-    return table(["contender", "workers", "epoch samples/s", "steady samples/s", "epoch / (N x single)",
-                  "steady / (N x single)"], rows)
+                    epoch, steady, cpu = rates[key]
+                    rows.append([key, n, epoch, steady, cpu, epoch / (n * ref[0]), steady / (n * ref[0])])
+    return table(["contender", "workers", "epoch samples/s", "steady samples/s", "CPU ms/sample",
+                  "epoch / (N x ref)", "steady / (N x ref)"], rows)
 
 
 # -- the per-stage account --------------------------------------------------------------------
@@ -144,7 +171,7 @@ WORKER_STAGES = [  # (owner, attribute, stage, how it nests)
     (fastload.Qwen2VLTransform, "_tokenize_media", "  tokenize incl. header", ""),
     (fastload.Qwen2VLTransform, "image_tokens", "    header for token count", ""),
     (vision, "read_header", "  header again (decode path)", ""),
-    (vision, "decode", "  decode (libjpeg-turbo)", ""),
+    (vision, "decode", "  decode", "by format"),
     (vision, "resize_rgb", "  resize (uint8 wire)", ""),
     (fastload.Qwen2VLCollator, "__call__", "collate", ""),
     (Fetcher, "fetch", "fetch (read + transform + collate)", ""),
@@ -182,7 +209,10 @@ def _instrument_worker(out_dir: str, _worker_id: int) -> None:
 
     stages = Stages()
     for owner, name, stage, kind in WORKER_STAGES:
-        (stages.wrap_iter if kind == "iter" else stages.wrap)(owner, name, stage)
+        if kind == "iter":
+            stages.wrap_iter(owner, name, stage)
+        else:
+            stages.wrap(owner, name, stage, by=(lambda data, *_a, **_k: sniff_format(data)) if kind else None)
     _timed_pickle(stages, "dumps", "  skeleton pickle")
     start_epoch = worker._start_epoch
 
@@ -226,22 +256,28 @@ def restore_trainer() -> None:
 
 
 def account_table(acc: dict) -> str:
+    """Per stage, summed over the epoch (and over the workers): calls, wall and CPU ms per sample,
+    and the share of the epoch's wall time (x workers for the workers' rows)."""
     n, samples, wall = acc["workers_n"], acc["samples"], acc["total"]
     rows = []
-    stages = [stage for _, _, stage, _ in WORKER_STAGES] + ["  skeleton pickle"]
-    for stage in stages:
-        seconds = sum(w["seconds"].get(stage, 0.0) for w in acc["workers"])
-        calls = sum(w["calls"].get(stage, 0) for w in acc["workers"])
+
+    def row(process, stage, states, processes):
+        calls = sum(st["calls"].get(stage, 0) for st in states)
         if calls:
-            rows.append(["worker", stage, calls, seconds * 1e3 / samples, seconds / (n * wall) * 100])
-    t = acc["trainer"]
-    for _, _, stage in TRAINER_STAGES + [(None, None, "  skeleton unpickle")]:
-        if t["calls"].get(stage):
-            rows.append(["trainer", stage, t["calls"][stage], t["seconds"][stage] * 1e3 / samples,
-                         t["seconds"][stage] / wall * 100])
+            seconds = sum(st["seconds"].get(stage, 0.0) for st in states)
+            cpu = sum(st["cpu"].get(stage, 0.0) for st in states)
+            rows.append([process, stage, calls, seconds * 1e3 / samples, cpu * 1e3 / samples,
+                         seconds / (processes * wall) * 100])
+
+    seen = {stage for w in acc["workers"] for stage in w["calls"]}
+    for owner_stage in [stage for _, _, stage, _ in WORKER_STAGES] + ["  skeleton pickle"]:
+        for stage in [owner_stage] + sorted(s for s in seen if s.startswith(owner_stage + " (")):
+            row("worker", stage, acc["workers"], n)
+    for stage in [stage for _, _, stage in TRAINER_STAGES] + ["  skeleton unpickle"]:
+        row("trainer", stage, [acc["trainer"]], 1)
     spans = [w["last"].get("a batch's task (all)", 0) - w["first"].get("epoch start", 0) for w in acc["workers"]]
-    return (table(["process", "stage (indented: inside the one above)", "calls", "ms per sample",
-                   "% of (workers x) epoch wall"], rows)
+    return (table(["process", "stage (indented: inside the one above)", "calls", "wall ms/sample",
+                   "CPU ms/sample", "% of (workers x) epoch wall"], rows)
             + "\nworkers: epoch start -> last batch written: " + ", ".join(f"{s:.2f} s" for s in spans)
             + f" of the trainer's {wall:.2f} s epoch")
 
@@ -254,6 +290,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of " + ", ".join(DTYPES))
     p.add_argument("--account-only", action="store_true", help="skip the interleaved rates")
+    p.add_argument("--workers", default="1,2", help="worker counts of the per-stage account")
     args = p.parse_args()
     dtypes = args.dtypes.split(",")
     torch.set_num_threads(1)
@@ -266,7 +303,7 @@ def main() -> None:
             print(f"\nrates: median of {args.rounds} interleaved rounds, one epoch each")
             print(rate_table(rates, dtypes), "\n", flush=True)
         for name in dtypes:
-            for n in (1, 2):
+            for n in map(int, args.workers.split(",")):
                 acc = instrumented_epoch(urls, DTYPES[name], n, args.batch)
                 print(f"per-stage account, fastload {name}, {n} worker(s): {acc['samples']} samples in "
                       f"{acc['total']:.2f} s ({acc['samples'] / acc['total']:.1f} samples/s with timers), "
