@@ -30,16 +30,22 @@ from common import PROCESSOR, machine, need_shared, photo_shards, table
 
 CHILD = """
 import json, sys, time
-t0 = time.perf_counter()
+t = [time.perf_counter()]
 import torch, fastload
-t1 = time.perf_counter()
+t.append(time.perf_counter())
 urls, processor = sys.argv[1], sys.argv[2]
 transform = fastload.Qwen2VLTransform(processor, max_pixels=1003520)
-loader = fastload.DataLoader(fastload.ShardDataset(urls, transform=transform), batch_size=4, num_workers=2,
-                             collate_fn=fastload.Qwen2VLCollator())
-batch = next(iter(loader))
-t2 = time.perf_counter()
-print(json.dumps({"imports": t1 - t0, "first_batch": t2 - t1, "samples": len(batch["input_ids"])}))
+t.append(time.perf_counter())
+dataset = fastload.ShardDataset(urls, transform=transform)
+t.append(time.perf_counter())
+loader = fastload.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=fastload.Qwen2VLCollator())
+t.append(time.perf_counter())
+it = iter(loader)
+t.append(time.perf_counter())
+batch = next(it)
+t.append(time.perf_counter())
+phases = ["imports", "transform", "dataset", "loader", "iter", "next"]
+print(json.dumps({**{p: b - a for p, a, b in zip(phases, t, t[1:])}, "first_batch": t[-1] - t[1]}))
 """
 
 
@@ -106,10 +112,14 @@ def main() -> None:
                 got[(name, "cold")].append(first_batch(sets[name], cache))
                 got[(name, "warm")].append(first_batch(sets[name], cache))
             print(f"  round {r + 1}/{args.rounds} done", flush=True)
+        phases = ["transform", "dataset", "loader", "iter", "next", "imports"]
         rows = [[name, how, statistics.median(m["first_batch"] for m in ms), min(m["first_batch"] for m in ms),
-                 max(m["first_batch"] for m in ms), statistics.median(m["imports"] for m in ms)]
+                 max(m["first_batch"] for m in ms), *(statistics.median(m[p] for m in ms) for p in phases)]
                 for (name, how), ms in got.items()]
-        print(table(["data set", "cache", "first batch s (median)", "min", "max", "imports s"], rows))
+        print(table(["data set", "cache", "first batch s (median)", "min", "max",
+                     *(f"{p} s" for p in phases)], rows))
+        print("phases (medians): Qwen2VLTransform(...), ShardDataset(...), DataLoader(...), iter(loader) "
+              "(workers started), next(it) (the first batch); imports are before the clock starts")
 
 
 if __name__ == "__main__":
