@@ -121,10 +121,10 @@ def main() -> None:
         print(table(["loader", "workers", "samples/s (median)", "CPU s/sample", "first batch s",
                      "max worker RSS MB"], rows))
         bases = [k for k in dict.fromkeys(name for name, _ in results) if k.startswith("(b)")]
-        ratios = [[name, *(f"{rate[(name, 2)] / rate[(b, 2)]:.1f}x" for b in bases)]
-                  for name in dict.fromkeys(name for name, _ in results) if not name.startswith("(b)")]
-        print("\nat 2 workers, side by side (same run):")
-        print(table(["loader", *(f"/ {b}" for b in bases)], ratios))
+        ratios = [[name, n, *(f"{rate[(name, n)] / rate[(b, n)]:.1f}x" for b in bases)]
+                  for name, n in results if not name.startswith("(b)")]
+        print("\nside by side at the same worker count (same run):")
+        print(table(["loader", "workers", *(f"/ {b}" for b in bases)], ratios))
         f32 = [rate[("(a) fastload f32", n)] for n in (1, 2)]
         print(f"fastload f32, 2 workers / 1 worker: {f32[1] / f32[0]:.2f}x\n")
 
