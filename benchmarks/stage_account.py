@@ -165,7 +165,9 @@ def rate_table(rates: dict, dtypes: list[str]) -> str:
 
 
 # -- the per-stage account --------------------------------------------------------------------
-WORKER_STAGES = [  # (owner, attribute, stage, how it nests)
+# (owner, attribute, stage — indented under the stage it runs inside —, how: "" per call, "iter" per
+# item of the generator it returns, "by format" per call and image format)
+WORKER_STAGES = [
     (shards, "tar_entries", "shard read (tar members)", "iter"),
     (fastload.Qwen2VLTransform, "__call__", "transform (all)", ""),
     (fastload.Qwen2VLTransform, "_tokenize_media", "  tokenize incl. header", ""),
@@ -211,8 +213,10 @@ def _instrument_worker(out_dir: str, _worker_id: int) -> None:
     for owner, name, stage, kind in WORKER_STAGES:
         if kind == "iter":
             stages.wrap_iter(owner, name, stage)
+        elif kind == "by format":
+            stages.wrap(owner, name, stage, by=lambda data, *_args, **_kwargs: sniff_format(data))
         else:
-            stages.wrap(owner, name, stage, by=(lambda data, *_a, **_k: sniff_format(data)) if kind else None)
+            stages.wrap(owner, name, stage)
     _timed_pickle(stages, "dumps", "  skeleton pickle")
     start_epoch = worker._start_epoch
 
