@@ -1,7 +1,8 @@
-"""ms per image, single thread: fastload (exact, fast, bf16, uint8 wire) vs transformers' processor
-(PIL decode + Qwen2VLImageProcessorPil) vs the floor (libjpeg-turbo full decode alone).
+"""ms per image, single thread: fastload (exact, fast, bf16, uint8 wire) vs transformers' image
+processor (PIL decode + its default torchvision backend where torchvision is installed, and + its
+PIL backend) vs the floor (libjpeg-turbo full decode alone).
 
-    python benchmarks/bench_image.py
+    PYTHONPATH=. .venv-tv/bin/python benchmarks/bench_image.py   (.venv: the PIL column only)
 """
 from __future__ import annotations
 
@@ -15,12 +16,10 @@ import numpy as np
 import simplejpeg
 import torch
 from PIL import Image
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
 import fastload
 from fastload.baseline import pil_decode
 
-from common import PHOTOS, PROCESSOR, machine, need_shared, table
+from common import PHOTOS, PROCESSOR, baseline_note, machine, need_shared, table, transformers_image_processors
 
 SIZES = [(640, 480), (1280, 720), (1920, 1080), (4032, 3024)]
 REPEAT = 15
@@ -41,13 +40,13 @@ def photos_at(size: tuple[int, int]) -> list[bytes]:
     return out
 
 
-def contenders(ref, variants: dict, data: bytes) -> dict:
+def contenders(refs: dict, variants: dict, data: bytes) -> dict:
     """What is timed, per photo: name -> callable."""
     exact, fast = variants["exact f32"], variants["fast f32"]
     reused = np.empty(exact(data)["pixel_values"].shape, np.float32)
     return {
         "decode floor": lambda: simplejpeg.decode_jpeg(data, "RGB"),
-        "transformers": lambda: ref(pil_decode(data), return_tensors="np"),
+        **{name: (lambda r=ref: r(pil_decode(data), return_tensors="pt")) for name, ref in refs.items()},
         **{name: (lambda p=proc: p(data)) for name, proc in variants.items()},
         # The loader's case: patches written into a reused buffer (its shared-memory slots),
         # without the page faults of a fresh multi-megabyte output on every call.
@@ -76,11 +75,11 @@ def interleaved_ms(fns: dict, repeat: int, rng: random.Random) -> dict:
 def main() -> None:
     need_shared()
     torch.set_num_threads(1)
-    print(f"machine: {machine()}; single thread; median of {REPEAT} round-robin runs (shuffled), median over "
-          f"{len(SOURCES)} photos per size\n")
+    print(f"machine: {machine()}; torch {torch.__version__}; single thread; median of {REPEAT} round-robin runs "
+          f"(shuffled), median over {len(SOURCES)} photos per size\n{baseline_note()}\n")
     rng = random.Random(0)
     for max_pixels in (12845056, 1003520):
-        ref = Qwen2VLImageProcessorPil.from_pretrained(PROCESSOR, max_pixels=max_pixels)
+        refs = transformers_image_processors(PROCESSOR, max_pixels)
         variants = {
             "exact f32": fastload.Qwen2VLImageProcessor.from_pretrained(PROCESSOR, max_pixels=max_pixels, exact=True),
             "fast f32": fastload.Qwen2VLImageProcessor.from_pretrained(PROCESSOR, max_pixels=max_pixels),
@@ -89,17 +88,24 @@ def main() -> None:
         }
         rows = []
         for size in SIZES:
-            per_photo = [interleaved_ms(contenders(ref, variants, d), REPEAT, rng) for d in photos_at(size)]
+            per_photo = [interleaved_ms(contenders(refs, variants, d), REPEAT, rng) for d in photos_at(size)]
             ms = {name: statistics.median(p[name] for p in per_photo) for name in per_photo[0]}
             floor = ms["decode floor"]
-            rows.append([f"{size[0]}x{size[1]}", *ms.values(), ms["transformers"] / ms["exact f32"],
+            rows.append([f"{size[0]}x{size[1]}", *ms.values(), *(ms[r] / ms["exact f32"] for r in refs),
+                         *(ms[r] / ms["fast f32"] for r in refs),
                          ms["exact f32"] / floor, ms["exact f32 out="] / floor, ms["fast uint8 wire"] / floor,
                          ms["fast f32"] / floor])
-        headers = ["size", *ms.keys(), "tf/exact", "exact/floor", "exact out=/floor", "wire/floor", "fast/floor"]
+        short = {r: r.removeprefix("transformers (").rstrip(")") for r in refs}
+        headers = ["size", *ms.keys(), *(f"{short[r]}/exact" for r in refs), *(f"{short[r]}/fast" for r in refs),
+                   "exact/floor", "exact out=/floor", "wire/floor", "fast/floor"]
         print(f"max_pixels={max_pixels} (ms per image)")
         print(table(headers, rows))
-        speedups = [r[-5] for r in rows]
-        print(f"median speed-up of exact f32 over transformers: {statistics.median(speedups):.1f}x\n")
+        first = len(ms) + 1
+        for i, r in enumerate(refs):
+            exact_x = statistics.median(row[first + i] for row in rows)
+            fast_x = statistics.median(row[first + len(refs) + i] for row in rows)
+            print(f"median speed-up over {r}: exact f32 {exact_x:.1f}x, fast f32 {fast_x:.1f}x")
+        print()
 
 
 if __name__ == "__main__":

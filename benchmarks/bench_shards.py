@@ -1,7 +1,8 @@
 """Raw shard iteration, ShardDataset vs webdataset.WebDataset on the same shards (page cache),
+fastload's own tar reader (``shards.tar_entries``) vs Python's ``tarfile`` on the same shards,
 and fastload-shard conversion speed with 1 and 2 workers.
 
-    python benchmarks/bench_shards.py [--samples 3000]
+    python benchmarks/bench_shards.py [--samples 3000] [--rounds 5]
 """
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import argparse
 import json
 import os
 import pathlib
+import random
+import statistics
+import tarfile
 import tempfile
 import time
 
 import webdataset as wds
 
 from fastload.cli.shard import main as shard_main
-from fastload.shards import ShardDataset
+from fastload.shards import ShardDataset, tar_entries
 
 from common import MLLM_DEMO, PHOTOS, machine, need_shared, table
 
@@ -52,10 +56,68 @@ def iterate(make) -> tuple[int, int, float]:
     return n, nbytes, time.perf_counter() - start
 
 
+def read_members(shards: list[str], reader) -> tuple[int, int]:
+    """(members, bytes) of every shard through ``reader(file, url)`` -> (name, bytes or None)."""
+    n = nbytes = 0
+    for url in shards:
+        with open(url, "rb") as f:
+            for _name, data in reader(f, url):
+                n += 1
+                nbytes += len(data) if data is not None else 0
+    return n, nbytes
+
+
+def tarfile_stream(f, _url):
+    """tarfile in stream mode (``r|``), reading each regular member's bytes: tar_entries' job."""
+    with tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            if member.isfile():
+                yield member.name, tar.extractfile(member).read()
+
+
+def tarfile_index(f, _url):
+    """tarfile in seekable mode: names and sizes only (what a counting pass needs)."""
+    with tarfile.open(fileobj=f, mode="r:") as tar:
+        for member in tar.getmembers():
+            if member.isfile():
+                yield member.name, None
+
+
+TAR_READERS = {  # name -> (reader, what it does)
+    "tar_entries (data)": (lambda f, url: tar_entries(f, url), "data"),
+    "tarfile r| (data)": (tarfile_stream, "data"),
+    "tar_entries (names only, seeks)": (lambda f, url: tar_entries(f, url, with_data=False), "names"),
+    "tarfile r: getmembers (names only)": (tarfile_index, "names"),
+}
+
+
+def compare_tar_readers(shards: list[str], rounds: int) -> str:
+    """fastload's tar reader vs Python's tarfile on the same shards, in interleaved rounds
+    (shuffled order each round), median seconds per reader."""
+    times = {name: [] for name in TAR_READERS}
+    counts = {}
+    rng = random.Random(0)
+    for name, (reader, _) in TAR_READERS.items():  # warm: page cache, imports
+        counts[name] = read_members(shards, reader)
+    for _ in range(rounds):
+        for name in rng.sample(list(TAR_READERS), len(TAR_READERS)):
+            start = time.perf_counter()
+            read_members(shards, TAR_READERS[name][0])
+            times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    rows = []
+    for name, (_, kind) in TAR_READERS.items():
+        ref = med["tarfile r| (data)" if kind == "data" else "tarfile r: getmembers (names only)"]
+        rows.append([name, counts[name][0], counts[name][0] / med[name], counts[name][1] / med[name] / 1e6,
+                     ref / med[name]])
+    return table(["reader", "members", "members/s", "MB/s", "speed vs tarfile"], rows)
+
+
 def main() -> None:
     need_shared()
     p = argparse.ArgumentParser()
     p.add_argument("--samples", type=int, default=3000)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the tar reader comparison")
     args = p.parse_args()
     print(f"machine: {machine()}\n")
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +147,9 @@ def main() -> None:
             rows.append([name, best[0], rates[name], size / best[2] / 1e6])
         print(f"raw iteration over {len(shards)} shards ({size / 1e6:.0f} MB, page cache), best of 3")
         print(table(["reader", "samples", "samples/s", "MB/s"], rows))
-        print(f"ShardDataset / WebDataset: {rates['fastload.ShardDataset'] / rates['webdataset.WebDataset']:.2f}x")
+        print(f"ShardDataset / WebDataset: {rates['fastload.ShardDataset'] / rates['webdataset.WebDataset']:.2f}x\n")
+        print(f"tar members: fastload's reader vs Python's tarfile, median of {args.rounds} interleaved rounds")
+        print(compare_tar_readers(shards, args.rounds))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Every benchmark, one after another, into benchmarks/results/ (quoted in RESULTS.md).
 #   bash benchmarks/run_all.sh        (after `bash run.sh test` or `bash run.sh demo` set up .venv)
+#   PYTHON=../.venv-tv/bin/python bash benchmarks/run_all.sh   (transformers' torchvision baseline as well:
+#                                     bash benchmarks/make_venv_tv.sh makes .venv-tv)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-../.venv/bin/python}
+export PYTHONPATH="$(cd .. && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p results
-for bench in bench_image bench_stages bench_shards bench_text bench_loader bench_video bench_packing; do
+for bench in bench_image bench_stages bench_shards bench_text bench_loader stage_account bench_first_batch \
+             bench_video bench_packing; do
   echo "== $bench"
   "$PY" -W ignore "$bench.py" 2>&1 | tee "results/$bench.txt"
 done
