@@ -36,7 +36,7 @@ import torch
 
 import fastload
 from fastload import bench, shards, vision
-from fastload.decode import sniff_format
+from fastload.header import ParsedImage, sniff_format
 from fastload.loader import iterators, shm, worker
 from fastload.loader.fetch import Fetcher
 
@@ -169,13 +169,12 @@ def rate_table(rates: dict, dtypes: list[str]) -> str:
 # item of the generator it returns, "by format" per call and image format)
 WORKER_STAGES = [
     (shards, "tar_entries", "shard read (tar members)", "iter"),
-    (fastload.Qwen2VLTransform, "__call__", "transform (all)", ""),
-    (fastload.Qwen2VLTransform, "_tokenize_media", "  tokenize incl. header", ""),
+    (fastload.Qwen2VLTransform, "_transform", "transform (all)", ""),
+    (fastload.Qwen2VLTransform, "tokenized", "  tokenize incl. header (parsed once)", ""),
     (fastload.Qwen2VLTransform, "image_tokens", "    header for token count", ""),
-    (vision, "read_header", "  header again (decode path)", ""),
     (vision, "decode", "  decode", "by format"),
     (vision, "resize_rgb", "  resize (uint8 wire)", ""),
-    (fastload.Qwen2VLCollator, "__call__", "collate", ""),
+    (fastload.Qwen2VLCollator, "collate_deferred", "collate", ""),
     (Fetcher, "fetch", "fetch (read + transform + collate)", ""),
     (worker.Slots, "write", "shared-memory write (all)", ""),
     (fastload.Qwen2VLImageProcessor, "process_into", "  kernel (patches into shm)", ""),
@@ -197,6 +196,11 @@ TRAINER_STAGES = [
 ]
 
 
+def image_format(source) -> str | None:
+    """The format of what ``decode`` is given: a ParsedImage (header already read) or bytes."""
+    return source.header.format if isinstance(source, ParsedImage) else sniff_format(source)
+
+
 def _timed_pickle(stages: Stages, verb: str, stage: str) -> None:
     """shm's ``pickle`` module, with one of its functions timed (the skeleton's only)."""
     shim = types.SimpleNamespace(loads=pickle.loads, dumps=pickle.dumps, HIGHEST_PROTOCOL=pickle.HIGHEST_PROTOCOL)
@@ -214,7 +218,7 @@ def _instrument_worker(out_dir: str, _worker_id: int) -> None:
         if kind == "iter":
             stages.wrap_iter(owner, name, stage)
         elif kind == "by format":
-            stages.wrap(owner, name, stage, by=lambda data, *_args, **_kwargs: sniff_format(data))
+            stages.wrap(owner, name, stage, by=lambda source, *_args, **_kwargs: image_format(source))
         else:
             stages.wrap(owner, name, stage)
     _timed_pickle(stages, "dumps", "  skeleton pickle")
