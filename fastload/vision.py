@@ -1,7 +1,8 @@
 """The Qwen2.5-VL image pipeline: smart_resize, the fused kernel, and the uint8 wire format.
 
 Values, dtype and layout equal transformers' ``Qwen2VLImageProcessor``; the work is one
-pass of ``csrc/kernels.cpp`` from the decoder's rows into the output buffer.
+pass of the C++ kernel (``csrc/``; ``csrc/module.cpp`` lists its files) from the decoder's rows
+into the output buffer.
 """
 from __future__ import annotations
 
@@ -185,7 +186,7 @@ def _to_rgb_array(image, config: VisionConfig, fast: bool,
 
 def fresh_array(shape: tuple[int, ...], dtype) -> np.ndarray:
     """An uninitialized array for an output, from the kernel's block pool: repeated large
-    outputs reuse the largest freed block instead of faulting in new pages (csrc: output blocks)."""
+    outputs reuse the largest freed block instead of faulting in new pages (csrc/pool.cpp)."""
     count = math.prod(shape)
     block = _kernels.empty(count * np.dtype(dtype).itemsize)
     return np.frombuffer(block, dtype, count).reshape(shape)
