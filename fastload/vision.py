@@ -1,9 +1,9 @@
 """The Qwen2.5-VL image pipeline: smart_resize, the processor settings, the fused kernel.
 
 Values, dtype and layout equal transformers' ``Qwen2VLImageProcessor``; the work is one
-pass of ``csrc/kernels.cpp`` from the decoder's rows into the output buffer. Headers come
-from :mod:`fastload.header` (read once per image), pixels from :mod:`fastload.decode`, and
-the uint8 wire format's expansion lives in :mod:`fastload.wire`.
+pass of the C++ kernel (``csrc/``; ``csrc/module.cpp`` lists its files) from the decoder's rows
+into the output buffer. Headers come from :mod:`fastload.header` (read once per image), pixels
+from :mod:`fastload.decode`, and the uint8 wire format's expansion lives in :mod:`fastload.wire`.
 """
 from __future__ import annotations
 
@@ -187,7 +187,7 @@ def _to_rgb_array(image, config: VisionConfig, fast: bool,
 
 def fresh_array(shape: tuple[int, ...], dtype) -> np.ndarray:
     """An uninitialized array for an output, from the kernel's block pool: repeated large
-    outputs reuse the largest freed block instead of faulting in new pages (csrc: output blocks)."""
+    outputs reuse the largest freed block instead of faulting in new pages (csrc/pool.cpp)."""
     count = math.prod(shape)
     block = _kernels.empty(count * np.dtype(dtype).itemsize)
     return np.frombuffer(block, dtype, count).reshape(shape)
