@@ -79,11 +79,13 @@ def single_thread_epoch(urls: str, dtype: torch.dtype, batch: int, collate: bool
 
 
 def make_loader(urls: str, dtype: torch.dtype, workers: int, batch: int, torch_loader: bool = False,
-                worker_init_fn=None):
+                worker_init_fn=None, shm_slots: int | None = None):
     dataset = fastload.ShardDataset(urls, transform=make_transform(dtype))
-    cls = torch.utils.data.DataLoader if torch_loader else fastload.DataLoader
-    return cls(dataset, batch_size=batch, num_workers=workers, collate_fn=fastload.Qwen2VLCollator(),
-               persistent_workers=True, worker_init_fn=worker_init_fn)
+    kwargs = dict(batch_size=batch, num_workers=workers, collate_fn=fastload.Qwen2VLCollator(),
+                  persistent_workers=True, worker_init_fn=worker_init_fn)
+    if torch_loader:
+        return torch.utils.data.DataLoader(dataset, **kwargs)
+    return fastload.DataLoader(dataset, shm_slots=shm_slots, **kwargs)
 
 
 def timed_epoch(loader) -> tuple[int, float, float]:
@@ -234,10 +236,12 @@ def _instrument_worker(out_dir: str, _worker_id: int) -> None:
     Finalize(None, lambda: path.write_bytes(pickle.dumps(stages.state())), exitpriority=10)
 
 
-def instrumented_epoch(urls: str, dtype: torch.dtype, workers: int, batch: int) -> dict:
+def instrumented_epoch(urls: str, dtype: torch.dtype, workers: int, batch: int, shm_slots: int | None = None
+                       ) -> dict:
     """One warm epoch, then one with every stage timed in the trainer and the workers."""
     with tempfile.TemporaryDirectory() as out_dir:
-        loader = make_loader(urls, dtype, workers, batch, worker_init_fn=functools.partial(_instrument_worker, out_dir))
+        loader = make_loader(urls, dtype, workers, batch, worker_init_fn=functools.partial(_instrument_worker, out_dir),
+                             shm_slots=shm_slots)
         timed_epoch(loader)
         trainer = Stages()
         for owner, name, stage in TRAINER_STAGES:
@@ -299,6 +303,7 @@ def main() -> None:
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of " + ", ".join(DTYPES))
     p.add_argument("--account-only", action="store_true", help="skip the interleaved rates")
     p.add_argument("--workers", default="1,2", help="worker counts of the per-stage account")
+    p.add_argument("--shm-slots", type=int, help="the per-stage account's loader's shm_slots (default: its own)")
     args = p.parse_args()
     dtypes = args.dtypes.split(",")
     torch.set_num_threads(1)
@@ -312,7 +317,7 @@ def main() -> None:
             print(rate_table(rates, dtypes), "\n", flush=True)
         for name in dtypes:
             for n in map(int, args.workers.split(",")):
-                acc = instrumented_epoch(urls, DTYPES[name], n, args.batch)
+                acc = instrumented_epoch(urls, DTYPES[name], n, args.batch, args.shm_slots)
                 print(f"per-stage account, fastload {name}, {n} worker(s): {acc['samples']} samples in "
                       f"{acc['total']:.2f} s ({acc['samples'] / acc['total']:.1f} samples/s with timers), "
                       f"first batch after {acc['first'] * 1e3:.0f} ms")
