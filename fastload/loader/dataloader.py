@@ -40,9 +40,9 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
         does not pin otherwise; it starts the stage only with CUDA or ``device``).
       on_error: ``"raise"`` (default, with the worker's traceback), ``"skip"`` or ``"warn"``
         for a sample whose loading raises; skipped samples are counted in ``loader.stats``.
-      shm_slots: shared-memory segments per worker (default ``prefetch_factor + 1``: the batches a
-        worker may have in flight, as in torch, plus the one the trainer holds while it asks for
-        the next; each costs one batch of ``/dev/shm``-free memory).
+      shm_slots: shared-memory segments per worker (default ``max(2, prefetch_factor)``; one more
+        did not measurably cut the workers' waits: benchmarks/RESULTS.md, "Where the end-to-end
+        time goes").
       max_tokens: token-budget batches (an int, or ``fastload.TokenBudget``): as many samples as
         fit in ``max_tokens`` once collated, at most ``batch_size``, grouped by length within a
         lookahead window (see :mod:`fastload.budget`).

@@ -226,7 +226,7 @@ class WorkerIter(_ResumableIter):
         self._id = shm.new_loader_id()
         # Fewer, hotter segments measured faster than more (benchmarks/RESULTS.md); a trainer
         # that keeps more batches alive gets extra one-off segments instead of a deadlock.
-        self._slots = loader.shm_slots or self._prefetch_factor + 1
+        self._slots = loader.shm_slots or max(2, self._prefetch_factor)
         self._segments: dict = {}
         self._released: deque = deque()
         self._shutdown = False
