@@ -1,8 +1,10 @@
 // The output pool. A fresh buffer of tens or hundreds of megabytes comes from the OS one
 // zeroed page per fault on first touch, which costs as much as the kernel's work written
 // into it (benchmarks/RESULTS.md, image pipeline); so one freed block, the largest, is
-// kept and handed out again to any request it holds: a caller processing images one after
-// another, of whatever sizes, reuses one block. A Block exposes the buffer protocol, and
+// kept and handed out again to a request it holds that is at least half its size: a caller
+// processing images one after another reuses one block, and small requests in between (a
+// video's resized frames before its patches) do not take the block the next large output
+// needs (benchmarks/RESULTS.md, videos). A Block exposes the buffer protocol, and
 // numpy arrays (and torch tensors over them) hold a reference to it, so its memory is
 // reused only once nothing views it.
 #include "pool.h"
@@ -78,7 +80,7 @@ PyObject* py_empty(PyObject*, PyObject* args) {
   if (nbytes < 0) return PyErr_Format(PyExc_ValueError, "negative size");
   auto* block = PyObject_New(Block, &kBlockType);
   if (!block) return nullptr;
-  if (g_spare && g_spare_size >= nbytes) {
+  if (g_spare && g_spare_size >= nbytes && nbytes >= g_spare_size / 2) {
     block->data = g_spare;
     block->size = g_spare_size;
     g_spare = nullptr;

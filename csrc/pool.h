@@ -10,7 +10,7 @@ namespace fastload {
 bool pool_init();
 
 // empty(nbytes) -> Block: uninitialized memory exposing the buffer protocol, the spare
-// block when it is large enough.
+// block when it holds nbytes and nbytes is at least half of it.
 PyObject* py_empty(PyObject* self, PyObject* args);
 
 }  // namespace fastload

@@ -2,9 +2,10 @@
 
 JPEGs go through libjpeg-turbo (via ``simplejpeg``, which bundles libjpeg-turbo 3.x and
 needs no system library), optionally scaled in the DCT domain (1/2, 1/4, 1/8); plain 8-bit
-PNGs through libspng (``pyspng``: the same pixels as Pillow's, 1.3-1.8x faster to inflate and
-unfilter, see benchmarks/RESULTS.md); every other format goes through Pillow. The header (:mod:`fastload.header`) is read before this
-module is called, usually once per sample for token counting, and handed over as a
+PNGs through libspng (``pyspng``: the same pixels as Pillow's, inflated and unfiltered faster,
+benchmarks/RESULTS.md); every other format goes through Pillow. The header
+(:mod:`fastload.header`) is read before this module is called, usually once per sample for
+token counting, and handed over as a
 :class:`~fastload.header.ParsedImage`; the decoder's own view is checked against it:
 libjpeg-turbo writes into a buffer of exactly the size the header promises (it refuses a
 larger image before decoding), Pillow's header is compared before ``load``, and the decoded
