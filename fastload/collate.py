@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .deferred import Concat, materialize
+from .deferred import Concat, DeferringCollator
 from .errors import Skip
 from .text import IGNORE_INDEX, IMAGE_PAD, VISION_END, VISION_START
 
@@ -14,6 +14,15 @@ _TEXT_KEYS = ("input_ids", "attention_mask", "labels")
 _PIXEL_KEYS = ("pixel_values", "image_pixels", "pixel_values_videos")  # large: concatenated as Concat
 _GRID_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")  # small: torch.cat
 _MEDIA_KEYS = _PIXEL_KEYS + _GRID_KEYS
+
+
+def kept_examples(examples: list) -> list[dict]:
+    """The transformed samples of a batch, the skipped ones (None, :class:`~fastload.errors.Skip`)
+    left out; an error when none is left."""
+    kept = [e for e in examples if e is not None and not isinstance(e, Skip)]
+    if not kept:
+        raise ValueError("cannot collate an empty batch")
+    return kept
 
 
 def concat_media(examples: list[dict]) -> dict:
@@ -50,7 +59,7 @@ class DummyImage:
         return ids, out["pixel_values"].clone(), out["image_grid_thw"]
 
 
-class Qwen2VLCollator:
+class Qwen2VLCollator(DeferringCollator):
     """Right-pads the text to the batch's longest (optionally a multiple of ``pad_to_multiple_of``)
     and concatenates images along patches; batches without images omit the image keys (or,
     with ``dummy_image``, carry LLaMA-Factory's dummy image: see :class:`DummyImage`).
@@ -112,14 +121,9 @@ class Qwen2VLCollator:
                  "pixel_values": pixel_values, "image_grid_thw": grid}
         return [first] + examples[1:]
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        return materialize(self.collate_deferred(examples))
-
     def collate_deferred(self, examples: list[dict]) -> dict:
         """The batch with its pixel keys as :class:`~fastload.deferred.Concat` write requests."""
-        examples = [e for e in examples if e is not None and not isinstance(e, Skip)]
-        if not examples:
-            raise ValueError("cannot collate an empty batch")
+        examples = kept_examples(examples)
         if self.dummy_image and not any(k in e for e in examples for k in _MEDIA_KEYS):
             examples = self._add_dummy_image(examples)
         length = self.padded_length(max(len(e["input_ids"]) for e in examples))

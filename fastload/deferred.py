@@ -75,6 +75,14 @@ def materialize(tree):
     return map_tree(tree, is_request, lambda request: request.tensor())
 
 
+class DeferringCollator:
+    """Base of collators whose ``collate_deferred(examples)`` (each subclass's own) builds a batch
+    with write requests; calling one computes them, so it works as any collate function, in any loader."""
+
+    def __call__(self, examples: list) -> dict:
+        return materialize(self.collate_deferred(examples))
+
+
 def collate_deferred(collate_fn):
     """The form of ``collate_fn`` that may leave write requests in its batch: its
     ``collate_deferred`` method when it has one, else ``collate_fn`` itself."""

@@ -13,13 +13,12 @@ from __future__ import annotations
 import torch
 
 from .budget import PackedPlanner, SampleTooLong, first_fit_decreasing, round_up
-from .collate import concat_media
-from .deferred import materialize
-from .errors import Skip
+from .collate import concat_media, kept_examples
+from .deferred import DeferringCollator
 from .mrope import IMAGE_TOKEN_ID, SPATIAL_MERGE_SIZE, TOKENS_PER_SECOND, VIDEO_TOKEN_ID, rope_index
 from .text import IGNORE_INDEX
 
-class Qwen2VLPackingCollator:
+class Qwen2VLPackingCollator(DeferringCollator):
     """Packs transformed samples (:class:`~fastload.Qwen2VLTransform` output) into rows of at
     most ``max_length`` tokens, first-fit decreasing; ``max_length=None`` makes one row.
 
@@ -67,14 +66,9 @@ class Qwen2VLPackingCollator:
         bins, _ = first_fit_decreasing(lengths, self.max_length)
         return [sorted(b) for b in bins]
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        return materialize(self.collate_deferred(examples))
-
     def collate_deferred(self, examples: list[dict]) -> dict:
         """The packed batch with its pixel keys as write requests (see :mod:`fastload.deferred`)."""
-        examples = [e for e in examples if e is not None and not isinstance(e, Skip)]
-        if not examples:
-            raise ValueError("cannot collate an empty batch")
+        examples = kept_examples(examples)
         rows = [[examples[i] for i in row] for row in self.rows([len(e["input_ids"]) for e in examples])]
         width = round_up(max(sum(len(e["input_ids"]) for e in row) for row in rows), self.pad_to_multiple_of)
         batch = {"input_ids": torch.full((len(rows), width), self.pad_token_id, dtype=torch.long),
